@@ -1,0 +1,298 @@
+"""The training loop every stage shares: data, model, checkpoints, progress, TensorBoard, evaluation, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mvcom_tf.config import Schedule, TrainConfig
+from mvcom_tf.data.pipeline import DecodeFailures, train_dataset
+from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, read_info, write_json
+from mvcom_tf.evaluation.verification import evaluate_pairs
+from mvcom_tf.export import embedding_fn, export_saved_model
+from mvcom_tf.losses.margins import class_aware_margins
+from mvcom_tf.models.heads import MarginHead
+from mvcom_tf.models.iresnet import build_iresnet
+from mvcom_tf.steps import MarginStep
+
+METRICS_FILE = "metrics.json"
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy named by --strategy."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return tf.distribute.MirroredStrategy([device.name for device in gpus])
+        # CPU replicas (--cpu_replicas): reduce through one device. Collective all-reduces between
+        # logical CPUs can be launched in different orders by different replicas once synchronized
+        # BatchNorm adds its own all-reduces, and then fail with a shape mismatch.
+        cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+@dataclasses.dataclass
+class StageState:
+    """What a stage's checkpoint holds."""
+
+    backbone: keras.Model
+    head: MarginHead
+    optimizer: keras.optimizers.Optimizer
+    step: tf.Variable
+    epoch: tf.Variable
+    extras: dict = dataclasses.field(default_factory=dict)  # stage-specific trackables (meta: variation heads)
+
+    def checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(backbone=self.backbone, head=self.head, optimizer=self.optimizer,
+                                   step=self.step, epoch=self.epoch, **self.extras)
+
+
+def learning_rate_schedule(schedule: Schedule, steps_per_epoch: int):
+    """lr, multiplied by 0.1 at each epoch of lr_steps (counted in optimizer steps)."""
+    if not schedule.lr_steps:
+        return schedule.lr
+    boundaries = [int(round(epoch * steps_per_epoch)) for epoch in schedule.lr_steps]
+    values = [schedule.lr * 0.1 ** i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def build_state(config: TrainConfig, info: DatasetInfo, steps_per_epoch: int, stage: str = "pretrain") -> StageState:
+    """Backbone, identity head and optimizer, built (variables created) in the current strategy scope."""
+    backbone = build_iresnet(config.backbone, config.image_size, config.embedding_size,
+                             config.width_multiplier, config.dropout, config.sync_bn)
+    head = MarginHead(info.num_identities, config.loss, config.scale, name="identity_head")
+    head.build((None, config.embedding_size))
+    optimizer = keras.optimizers.SGD(learning_rate_schedule(config.schedule(stage), steps_per_epoch),
+                                     momentum=config.momentum,
+                                     weight_decay=config.weight_decay or None)
+    optimizer.build(backbone.trainable_variables + head.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    return StageState(backbone, head, optimizer, step, epoch)
+
+
+def stage_margins(config: TrainConfig, stage: str, info: DatasetInfo) -> np.ndarray:
+    """Per-identity margins: constant in pre-training (seed Sec. C), --margin_prior in the meta stage."""
+    if stage == "meta" and config.margin_prior == "volume":
+        return class_aware_margins(info.images_per_identity, config.margin, config.margin_prior_power,
+                                   config.margin_min, config.margin_max)
+    return np.full(info.num_identities, config.margin, np.float32)
+
+
+class Progress:
+    """The periodic progress line (step, loss, lr, images/s, ETA) and its TensorBoard scalars."""
+
+    def __init__(self, stage: str, total_steps: int, first_step: int, writer, summaries=None) -> None:
+        self.stage, self.total_steps, self.writer = stage, total_steps, writer
+        self.summaries = summaries  # the step's own scalars from the summed metrics
+        self.sums: dict[str, np.ndarray] = {}
+        self.since_step, self.since_time = first_step, time.perf_counter()
+
+    def add(self, metrics: dict[str, tf.Tensor]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + np.asarray(value, np.float64)
+
+    def report(self, step: int, epoch: int, lr: float) -> None:
+        elapsed = max(time.perf_counter() - self.since_time, 1e-9)
+        steps_per_s = max(step - self.since_step, 1) / elapsed
+        images = float(self.sums.get("images", 0.0))
+        scalars = {"lr": lr, "steps_per_s": steps_per_s, "images_per_s": images / elapsed}
+        if "loss" in self.sums:  # absent while only the variation heads warm up
+            margin = float(self.sums["margin"]) / images
+            scalars.update({
+                "loss": float(self.sums["loss"]) / images,
+                "accuracy": float(self.sums["accuracy"]) / images,
+                "margin/mean": margin,
+                "margin/std": float(np.sqrt(max(float(self.sums["margin_sq"]) / images - margin ** 2, 0.0))),
+            })
+        if self.summaries:
+            scalars.update(self.summaries(self.sums))
+        eta = (self.total_steps - step) / steps_per_s
+        logging.info("[%s] step %d/%d epoch %d loss %.4f acc %.3f lr %.5g images/s %.1f ETA %s",
+                     self.stage, step, self.total_steps, epoch + 1, scalars.get("loss", float("nan")),
+                     scalars.get("accuracy", float("nan")), lr, scalars["images_per_s"],
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        if self.writer:
+            with self.writer.as_default(step=step):
+                for name, value in scalars.items():
+                    tf.summary.scalar(name, value)
+        self.sums = {}
+        self.since_step, self.since_time = step, time.perf_counter()
+
+
+def distributed_batches(strategy, data_dir: str, info: DatasetInfo, config: TrainConfig, global_batch: int,
+                        epoch: int, skip_steps: int, failures: DecodeFailures, seed: int):
+    """An iterator over one epoch's global batches, split over the replicas (resuming after skip_steps)."""
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return train_dataset(
+            data_dir, info, batch_size=context.get_per_replica_batch_size(global_batch),
+            image_size=config.image_size, seed=seed, epoch=epoch,
+            skip_records=skip_steps * global_batch // context.num_input_pipelines,
+            input_context=context, failures=failures, shuffle_buffer=config.shuffle_buffer)
+
+    return iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+
+def check_data(path: str, flag: str, config: TrainConfig) -> DatasetInfo:
+    """Reads dataset.json, naming the flag in the error, and checks that it fits the run."""
+    try:
+        info = read_info(path)
+    except DatasetError as error:
+        raise DatasetError(f"--{flag}: {error}") from None
+    batch = config.batch_size if flag == "train_data" else config.meta_batch_size
+    if info.num_images < batch:
+        raise DatasetError(f"--{flag}: {path} has {info.num_images} images, fewer than one batch ({batch})")
+    return info
+
+
+def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str,
+              is_chief: bool = True) -> StageState:
+    """Trains one stage to its last step (resuming from its own checkpoints) and returns its state."""
+    info = check_data(config.train_data, "train_data", config)
+    global_batch = config.batch_size
+    steps_per_epoch = info.num_images // global_batch
+    total_steps = config.schedule(stage).epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    with strategy.scope():
+        state = build_state(config, info, steps_per_epoch, stage)
+        class_margins = tf.constant(stage_margins(config, stage, info))
+        meta_info = None
+        if stage == "meta":
+            from mvcom_tf.meta.step import build_meta_step  # the meta stage's own pieces
+
+            meta_info = check_data(config.meta_data, "meta_data", config)
+            trainer = build_meta_step(config, state, class_margins, global_batch, meta_info,
+                                      strategy.num_replicas_in_sync)
+        else:
+            trainer = MarginStep(state.backbone, state.head, state.optimizer, class_margins, global_batch)
+    checkpoint = state.checkpoint()
+    checkpoint_dir = posixpath.join(config.model_dir, "checkpoints", stage)
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.keep_checkpoints)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("[%s] resumed from %s at step %d", stage, manager.latest_checkpoint, int(state.step))
+    elif init_checkpoint:
+        # Backbone and identity classifier only, as seed Sec. C keeps them; optimizer and step start anew.
+        tf.train.Checkpoint(backbone=state.backbone, head=state.head).restore(
+            _latest(init_checkpoint)).expect_partial()
+        logging.info("[%s] initialised backbone and identity head from %s", stage, init_checkpoint)
+
+    writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage)) if is_chief else None
+    failures = DecodeFailures()
+
+    compiled = {}
+
+    def train_step(replica_fn, iterator, meta_iterator):
+        if replica_fn not in compiled:
+            @tf.function
+            def run(iterator, meta_iterator):
+                batch = next(iterator)
+                meta_batch = next(meta_iterator) if meta_iterator is not None else None
+                per_replica = strategy.run(replica_fn, args=(batch, meta_batch))
+                return {key: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                        for key, value in per_replica.items()}
+            compiled[replica_fn] = run
+        return compiled[replica_fn](iterator, meta_iterator)
+
+    step = int(state.step.numpy())
+    progress = Progress(stage, total_steps, step, writer, getattr(trainer, "summaries", None))
+    logging.info("[%s] %d images, %d identities, %d steps/epoch, training steps %d to %d, %d replica(s)",
+                 stage, info.num_images, info.num_identities, steps_per_epoch, step, total_steps,
+                 strategy.num_replicas_in_sync)
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        iterator = distributed_batches(strategy, config.train_data, info, config, global_batch, epoch, offset,
+                                        failures, config.seed)
+        meta_iterator = None
+        if meta_info is not None:
+            meta_batch = config.meta_batch_size * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
+            meta_iterator = distributed_batches(strategy, config.meta_data, meta_info, config, meta_batch, epoch,
+                                                 offset, failures, config.seed + 1)
+        for _ in range(offset, steps_per_epoch):
+            if step >= total_steps:
+                break
+            replica_fn = trainer.for_step(step) if hasattr(trainer, "for_step") else trainer
+            progress.add(train_step(replica_fn, iterator, meta_iterator))
+            step += 1
+            state.step.assign(step)
+            state.epoch.assign(step // steps_per_epoch)
+            if step % config.log_every == 0 or step == total_steps:
+                if int(failures.count.numpy()):
+                    logging.warning("[%s] %d undecodable images dropped so far", stage, int(failures.count.numpy()))
+                progress.report(step, epoch, _current_lr(state.optimizer))
+            if step % config.checkpoint_every == 0 or step == total_steps:
+                manager.save(checkpoint_number=step)
+    if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
+        manager.save(checkpoint_number=step)
+    if writer:
+        writer.flush()
+    return state
+
+
+def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+def _latest(path: str) -> str:
+    """A checkpoint prefix, or the latest checkpoint in a folder (a run folder's checkpoints/<stage>)."""
+    if tf.io.gfile.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise DatasetError(f"--init_checkpoint: {path} holds no checkpoint")
+        return latest
+    return path
+
+
+def evaluate(config: TrainConfig, backbone: keras.Model) -> dict:
+    """Verification on --eval_data with the flip-fused embeddings of the backbone."""
+    embed = tf.function(embedding_fn(backbone), reduce_retracing=True)
+    return evaluate_pairs(embed, config.eval_data, config.image_size, config.eval_batch_size)
+
+
+def single_device_copy(config: TrainConfig, backbone: keras.Model) -> keras.Model:
+    """The backbone rebuilt outside any strategy with the trained weights (for export)."""
+    copy = build_iresnet(config.backbone, config.image_size, config.embedding_size, config.width_multiplier,
+                         config.dropout, sync_bn=False)
+    copy.set_weights(backbone.get_weights())
+    return copy
+
+
+def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Runs every stage of --stage in order, then evaluates and exports; returns metrics.json's content."""
+    strategy = strategy or make_strategy(config.strategy)
+    tf.io.gfile.makedirs(config.model_dir)
+    metrics: dict = {"stages": {}}
+    init_checkpoint = config.init_checkpoint
+    state = None
+    for stage in config.stage:
+        state = run_stage(config, stage, strategy, init_checkpoint)
+        init_checkpoint = posixpath.join(config.model_dir, "checkpoints", stage)
+        if config.eval_data:
+            result = evaluate(config, state.backbone)
+            metrics["stages"][stage] = result
+            logging.info("[%s] verification accuracy on %s: %.4f", stage, config.eval_data, result["accuracy"])
+            writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage))
+            with writer.as_default(step=int(state.step.numpy())):
+                tf.summary.scalar("eval/accuracy", result["accuracy"])
+                for factor, groups in result["groups"].items():
+                    for group, accuracy in groups.items():
+                        tf.summary.scalar(f"eval/{factor}/{group}", accuracy)
+    final = metrics["stages"].get(config.stage[-1], {})
+    metrics.update({key: final[key] for key in ("accuracy", "accuracy_std", "groups") if key in final})
+    export_dir = config.export_dir or posixpath.join(config.model_dir, "export")
+    export_saved_model(single_device_copy(config, state.backbone), export_dir, config.image_size)
+    metrics["export_dir"] = export_dir
+    write_json(posixpath.join(config.model_dir, METRICS_FILE), metrics)
+    return metrics

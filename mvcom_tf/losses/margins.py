@@ -1,0 +1,45 @@
+"""Losses and margins: the identity loss on margin logits, the class-aware margin prior, variation losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+MARGIN_PRIORS = ("constant", "volume")
+
+
+def identity_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Per-sample softmax cross-entropy [B] of scaled margin logits [B, C] against identity labels [B]."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=tf.cast(logits, tf.float32))
+
+
+def class_aware_margins(images_per_identity, base: float = 0.35, power: float = 0.25,
+                        minimum: float = 0.25, maximum: float = 0.45) -> np.ndarray:
+    """m_y = base * (n_ref / n_y) ** power clipped to [minimum, maximum]; n_ref is the geometric mean.
+
+    Identities with no image get the base margin (they never appear in a batch).
+    """
+    counts = np.asarray(images_per_identity, np.float64)
+    present = counts > 0
+    if not present.any():
+        raise ValueError("class_aware_margins needs at least one identity with images")
+    reference = np.exp(np.mean(np.log(counts[present])))
+    margins = np.full(counts.shape, base, np.float64)
+    margins[present] = base * (reference / counts[present]) ** power
+    return np.clip(margins, minimum, maximum).astype(np.float32)
+
+
+def variation_losses(logits: dict[str, tf.Tensor], labels: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Per-sample cross-entropy [B] of each variation head; samples labelled UNKNOWN (-1) give 0."""
+    losses = {}
+    for factor, factor_logits in logits.items():
+        known = labels[factor] >= 0
+        safe_labels = tf.where(known, labels[factor], 0)
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=factor_logits)
+        losses[factor] = tf.where(known, loss, 0.0)
+    return losses
+
+
+def known_mask(labels: dict[str, tf.Tensor], factor: str) -> tf.Tensor:
+    return tf.cast(labels[factor] >= 0, tf.float32)

@@ -1,0 +1,210 @@
+"""The MvCoM meta step: per-sample margin residuals meta-learned from the variation losses (seed Sec. B).
+
+One iteration, per replica, for a training batch T and a meta batch V:
+  (a) r^k_j = 0 for every sample j of T and factor k; m_j = m_{y_j} + sum_k r^k_j.
+  (b) pseudo update (Eq. 12): Omega~ = Omega - eta * grad_Omega L(T; m), as tensors, run with
+      `stateless_call`; the BatchNorm statistics of that pass are dropped.
+  (c) meta update (Eq. 13): r^k = clip(-tau * w_k * dL_var^k(V; Omega~) / dr^k, +-r_max), the
+      derivative taken through Omega~ (second order: the inner tape's gradient is recorded
+      by the outer tape).
+  (d) real update (Eq. 14): the optimizer steps on L(T; m_y + sum_k r^k), its backbone gradient
+      obtained by replaying the backward pass recorded in (b) with the new output gradient.
+  (e) the variation heads learn on V at the current Omega, features stop-gradient.
+Under MirroredStrategy the pseudo update uses the all-reduced gradient, exactly as one device
+with the whole batch would, and the meta-gradient flows back through that all-reduce.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mvcom_tf.config import TrainConfig
+from mvcom_tf.data import schema
+from mvcom_tf.data.tfrecord import DatasetInfo
+from mvcom_tf.losses.margins import identity_loss, variation_losses
+from mvcom_tf.meta.sampling import select_meta_batch
+from mvcom_tf.models.heads import VariationHeads
+from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX
+from mvcom_tf.steps import MarginStep, assign_statistics, batch_metrics
+
+META_SCOPES = ("all", "head")
+
+
+class MetaStep:
+    """The meta stage's training step (a callable run per replica), and its heads-only warm-up."""
+
+    def __init__(self, margin_step: MarginStep, variation_heads: VariationHeads,
+                 heads_optimizer: keras.optimizers.Optimizer, *, tau: float, inner_lr: float, residual_max: float,
+                 scope: str, factor_weights: tuple[float, ...], sampling: str, meta_batch: int,
+                 global_meta_batch: int, warmup_steps: int = 0) -> None:
+        if scope not in META_SCOPES:
+            raise ValueError(f"unknown meta scope {scope!r}; expected one of {META_SCOPES}")
+        self.margin_step, self.heads, self.heads_optimizer = margin_step, variation_heads, heads_optimizer
+        self.tau, self.inner_lr, self.residual_max = tau, inner_lr, residual_max
+        self.factor_weights = dict(zip(schema.FACTORS, factor_weights))
+        self.sampling, self.meta_batch, self.global_meta_batch = sampling, meta_batch, global_meta_batch
+        self.warmup_steps = warmup_steps
+        backbone = margin_step.backbone
+        self.pseudo_mask = [scope == "all" or v.path.startswith(OUTPUT_BLOCK_PREFIX)
+                            for v in backbone.trainable_variables]
+
+    # ------------------------------------------------------------------ pieces
+
+    def eta(self) -> tf.Tensor:
+        """The pseudo-update step size: --meta_inner_lr, or the optimizer's current learning rate."""
+        if self.inner_lr:
+            return tf.constant(self.inner_lr, tf.float32)
+        return tf.cast(self.margin_step.optimizer.learning_rate, tf.float32)
+
+    def variation_loss_sums(self, embeddings, labels) -> tuple[dict, dict]:
+        """Per-factor variation loss over the global meta batch (unknown labels add 0), and the logits."""
+        logits = self.heads(embeddings)
+        per_sample = variation_losses(logits, labels)
+        return {f: tf.reduce_sum(loss) / self.global_meta_batch for f, loss in per_sample.items()}, logits
+
+    def meta_batch_of(self, batch, pool):
+        labels = {factor: batch[factor] for factor in schema.FACTORS}
+        return select_meta_batch(pool, labels, self.meta_batch, self.sampling)
+
+    def residuals(self, batch, meta, prior):
+        """Steps (a)-(c): r [B, factors], plus the recorded pieces the real update replays."""
+        step = self.margin_step
+        images, labels = batch["image"], batch["identity"]
+        weights = [v.value for v in step.backbone.trainable_variables]
+        zero = tf.zeros_like(prior)
+        context = tf.distribute.get_replica_context()
+        meta_labels = {factor: meta[factor] for factor in schema.FACTORS}
+        with tf.GradientTape(persistent=True) as outer:
+            outer.watch(zero)
+            # r^k enters the margin only through sum_k r^k, so dL/dr^k = dL/d(sum): one watched zero suffices.
+            margins = prior + zero
+            with tf.GradientTape(persistent=True) as inner:
+                inner.watch(weights)
+                embeddings, statistics = step.forward(images, weights)
+                logits = step.head(embeddings, labels, margins)
+                loss = tf.reduce_sum(identity_loss(logits, labels)) / step.global_batch
+            pseudo_sources = [w for w, m in zip(weights, self.pseudo_mask) if m]
+            gradients = inner.gradient(loss, pseudo_sources)
+            if context is not None and context.num_replicas_in_sync > 1:
+                gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+            eta = self.eta()
+            updated = iter([w - eta * g for w, g in zip(pseudo_sources, gradients)])
+            pseudo = [next(updated) if m else w for w, m in zip(weights, self.pseudo_mask)]
+            meta_embeddings, _ = step.forward(meta["image"], pseudo)
+            losses, _ = self.variation_loss_sums(meta_embeddings, meta_labels)
+        columns = []
+        for factor in schema.FACTORS:
+            weight = self.factor_weights[factor]
+            if weight == 0:
+                columns.append(tf.zeros_like(prior))
+                continue
+            derivative = outer.gradient(losses[factor], zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            columns.append(tf.clip_by_value(-self.tau * weight * derivative, -self.residual_max, self.residual_max))
+        del outer
+        return tf.stack(columns, axis=1), (inner, weights, embeddings, statistics)
+
+    def real_update(self, batch, margins, recorded):
+        """Step (d): gradients at the final margins, the backbone's by replaying the recorded backward pass."""
+        step = self.margin_step
+        inner, weights, embeddings, statistics = recorded
+        labels = batch["identity"]
+        features = tf.stop_gradient(embeddings)
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            logits = step.head(features, labels, margins)
+            per_sample = identity_loss(logits, labels)
+            loss = tf.reduce_sum(per_sample) / step.global_batch
+        feature_gradient, *head_gradients = tape.gradient(loss, [features, *step.head.trainable_variables])
+        backbone_gradients = inner.gradient(embeddings, weights, output_gradients=feature_gradient)
+        step.apply(backbone_gradients + head_gradients, statistics)
+        return per_sample, logits
+
+    def heads_update(self, meta) -> dict[str, tf.Tensor]:
+        """Step (e): the variation heads on V at the current weights (features stop-gradient)."""
+        step = self.margin_step
+        embeddings, _ = step.forward(meta["image"])
+        embeddings = tf.stop_gradient(embeddings)
+        labels = {factor: meta[factor] for factor in schema.FACTORS}
+        with tf.GradientTape() as tape:
+            losses, logits = self.variation_loss_sums(embeddings, labels)
+            total = tf.add_n(list(losses.values()))
+        gradients = tape.gradient(total, self.heads.trainable_variables)
+        self.heads_optimizer.apply_gradients(zip(gradients, self.heads.trainable_variables))
+        metrics = {}
+        for factor in schema.FACTORS:
+            known = labels[factor] >= 0
+            correct = tf.equal(tf.argmax(logits[factor], axis=-1, output_type=tf.int32), labels[factor])
+            metrics[f"variation/{factor}/loss"] = losses[factor] * self.global_meta_batch
+            metrics[f"variation/{factor}/correct"] = tf.reduce_sum(tf.cast(correct & known, tf.float32))
+            metrics[f"variation/{factor}/known"] = tf.reduce_sum(tf.cast(known, tf.float32))
+        return metrics
+
+    # ------------------------------------------------------------------ steps
+
+    def __call__(self, batch: dict[str, tf.Tensor], pool: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """One MvCoM iteration (a)-(e)."""
+        prior = self.margin_step.margins(batch["identity"])
+        meta = self.meta_batch_of(batch, pool)
+        residuals, recorded = self.residuals(batch, meta, prior)
+        margins = prior + tf.reduce_sum(residuals, axis=1)
+        per_sample, logits = self.real_update(batch, margins, recorded)
+        metrics = batch_metrics(per_sample, logits, batch["identity"], margins)
+        metrics.update(self.heads_update(meta))
+        metrics.update(residual_sums(residuals, batch))
+        return metrics
+
+    def warmup(self, batch: dict[str, tf.Tensor], pool: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """A heads-only step: the variation heads learn, the backbone and identity head stay."""
+        meta = self.meta_batch_of(batch, pool)
+        metrics = {"images": tf.cast(tf.size(batch["identity"]), tf.float32)}
+        metrics.update(self.heads_update(meta))
+        return metrics
+
+    def for_step(self, step: int):
+        """The callable to run at a global step: warm-up first, then the meta step."""
+        return self.warmup if step < self.warmup_steps else self
+
+    def summaries(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+        """TensorBoard scalars from summed metrics: variation losses and accuracies, mean residual per class."""
+        scalars = {}
+        for factor in schema.FACTORS:
+            known = float(sums.get(f"variation/{factor}/known", 0.0))
+            if known:
+                scalars[f"variation/{factor}/loss"] = float(sums[f"variation/{factor}/loss"]) / known
+                scalars[f"variation/{factor}/accuracy"] = float(sums[f"variation/{factor}/correct"]) / known
+            if f"residual/{factor}/sum" in sums:
+                totals, counts = sums[f"residual/{factor}/sum"], sums[f"residual/{factor}/count"]
+                for cls in range(schema.NUM_CLASSES[factor]):
+                    if counts[cls]:
+                        scalars[f"margin/{factor}/{cls}"] = float(totals[cls] / counts[cls])
+        return scalars
+
+
+def residual_sums(residuals: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Per factor, the sum and count of r^k over the training samples of each class of that factor."""
+    sums = {}
+    for index, factor in enumerate(schema.FACTORS):
+        labels = batch[factor]
+        classes = schema.NUM_CLASSES[factor]
+        onehot = tf.one_hot(labels, classes, dtype=tf.float32)  # -1 gives a zero row
+        sums[f"residual/{factor}/sum"] = tf.linalg.matvec(onehot, residuals[:, index], transpose_a=True)
+        sums[f"residual/{factor}/count"] = tf.reduce_sum(onehot, axis=0)
+    return sums
+
+
+def build_meta_step(config: TrainConfig, state, class_margins: tf.Tensor, global_batch: int,
+                    meta_info: DatasetInfo, num_replicas: int) -> MetaStep:
+    """The meta step with its variation heads and their optimizer (call in the strategy scope)."""
+    heads = VariationHeads(name="variation_heads")
+    heads.build((None, config.embedding_size))
+    heads_optimizer = keras.optimizers.SGD(config.variation_lr, momentum=config.momentum)
+    heads_optimizer.build(heads.trainable_variables)
+    state.extras.update(variation_heads=heads, variation_optimizer=heads_optimizer)
+    margin_step = MarginStep(state.backbone, state.head, state.optimizer, class_margins, global_batch)
+    return MetaStep(
+        margin_step, heads, heads_optimizer, tau=config.meta_lr_tau, inner_lr=config.meta_inner_lr,
+        residual_max=config.residual_max, scope=config.meta_scope, factor_weights=config.factor_weights,
+        sampling=config.meta_sampling, meta_batch=config.meta_batch_size // num_replicas,
+        global_meta_batch=config.meta_batch_size, warmup_steps=config.variation_warmup_steps)

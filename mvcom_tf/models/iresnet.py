@@ -1,0 +1,109 @@
+"""IResNet: the improved ResNet of face recognition (insightface's `iresnet`)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+STAGE_BLOCKS = {
+    "iresnet18": (2, 2, 2, 2),
+    "iresnet34": (3, 4, 6, 3),
+    "iresnet50": (3, 4, 14, 3),
+    "iresnet100": (3, 13, 30, 3),
+}
+STAGE_WIDTHS = (64, 128, 256, 512)
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+# The output block is what `--meta_scope=head` pseudo-updates: it is found by this prefix.
+OUTPUT_BLOCK_PREFIX = "output_"
+
+
+@keras.saving.register_keras_serializable(package="mvcom_tf")
+class SyncBatchNormalization(layers.BatchNormalization):
+    """BatchNormalization whose batch statistics are those of the global batch across replicas.
+
+    Keras' `synchronized=True` computes the variance as E[x^2] - E[x]^2, which loses most of
+    its digits where a channel's mean is large against its spread (common after residual
+    additions); this layer all-reduces the sum first, then the squared deviations from the
+    global mean, so its gradients match single-device training to float precision.
+    """
+
+    def _moments(self, inputs, mask):
+        context = tf.distribute.get_replica_context()
+        if mask is not None or context is None or context.num_replicas_in_sync == 1:
+            return super()._moments(inputs, mask)
+        axes = self._reduction_axes
+        count = context.all_reduce("sum", tf.cast(tf.reduce_prod(tf.gather(tf.shape(inputs), axes)), inputs.dtype))
+        mean = context.all_reduce("sum", tf.reduce_sum(inputs, axis=axes)) / count
+        deviations = tf.reduce_sum(tf.square(inputs - mean), axis=axes)
+        return mean, context.all_reduce("sum", deviations) / count
+
+
+def _batch_norm(name: str, sync: bool, **kwargs) -> layers.Layer:
+    layer = SyncBatchNormalization if sync else layers.BatchNormalization
+    return layer(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, **kwargs)
+
+
+def _conv(filters: int, kernel: int, stride: int, name: str) -> layers.Layer:
+    return layers.Conv2D(filters, kernel, strides=stride, padding="same" if kernel > 1 else "valid",
+                         use_bias=False, kernel_initializer="he_normal", name=name)
+
+
+def _block(x, filters: int, stride: int, name: str, sync_bn: bool):
+    """BN-conv3x3-BN-PReLU-conv3x3(stride)-BN plus the (projected) shortcut."""
+    shortcut = x
+    y = _batch_norm(f"{name}_bn1", sync_bn)(x)
+    y = _conv(filters, 3, 1, f"{name}_conv1")(y)
+    y = _batch_norm(f"{name}_bn2", sync_bn)(y)
+    y = layers.PReLU(shared_axes=[1, 2], name=f"{name}_prelu")(y)
+    if stride > 1:
+        # insightface pads 1 on each side before a strided 3x3; 'same' would pad only bottom-right.
+        y = layers.ZeroPadding2D(1, name=f"{name}_pad")(y)
+        y = layers.Conv2D(filters, 3, strides=stride, padding="valid", use_bias=False,
+                          kernel_initializer="he_normal", name=f"{name}_conv2")(y)
+    else:
+        y = _conv(filters, 3, 1, f"{name}_conv2")(y)
+    y = _batch_norm(f"{name}_bn3", sync_bn)(y)
+    if stride > 1 or shortcut.shape[-1] != filters:
+        shortcut = _conv(filters, 1, stride, f"{name}_downsample_conv")(shortcut)
+        shortcut = _batch_norm(f"{name}_downsample_bn", sync_bn)(shortcut)
+    return layers.Add(name=f"{name}_add")([y, shortcut])
+
+
+def build_iresnet(
+    name: str = "iresnet100",
+    image_size: int = 112,
+    embedding_size: int = 512,
+    width_multiplier: float = 1.0,
+    dropout: float = 0.0,
+    sync_bn: bool = False,
+) -> keras.Model:
+    """Builds an IResNet mapping float images [B, S, S, 3] (normalised) to embeddings [B, E]."""
+    if name not in STAGE_BLOCKS:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(STAGE_BLOCKS)}")
+    if image_size % 16:
+        raise ValueError(f"image_size must be divisible by 16 (four stride-2 stages), got {image_size}")
+    widths = [max(1, int(round(w * width_multiplier))) for w in STAGE_WIDTHS]
+
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    x = _conv(widths[0], 3, 1, "stem_conv")(inputs)
+    x = _batch_norm("stem_bn", sync_bn)(x)
+    x = layers.PReLU(shared_axes=[1, 2], name="stem_prelu")(x)
+    for stage, (blocks, filters) in enumerate(zip(STAGE_BLOCKS[name], widths), start=1):
+        for index in range(blocks):
+            x = _block(x, filters, 2 if index == 0 else 1, f"stage{stage}_block{index + 1}", sync_bn)
+
+    x = _batch_norm(f"{OUTPUT_BLOCK_PREFIX}bn", sync_bn)(x)
+    x = layers.Dropout(dropout, name=f"{OUTPUT_BLOCK_PREFIX}dropout")(x)
+    x = layers.Flatten(name=f"{OUTPUT_BLOCK_PREFIX}flatten")(x)
+    x = layers.Dense(embedding_size, name=f"{OUTPUT_BLOCK_PREFIX}fc")(x)
+    # insightface fixes this BN's scale at 1 (only the shift is learned).
+    outputs = _batch_norm(f"{OUTPUT_BLOCK_PREFIX}features", sync_bn, scale=False)(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def output_block_variables(model: keras.Model) -> list:
+    """The trainable variables of the output block (BN-Dropout-Flatten-Dense-BN)."""
+    return [v for layer in model.layers if layer.name.startswith(OUTPUT_BLOCK_PREFIX)
+            for v in layer.trainable_variables]

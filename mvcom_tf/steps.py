@@ -1,0 +1,91 @@
+"""The margin-loss training step (pre-training, and the real update of the meta stage)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from mvcom_tf.losses.margins import identity_loss
+from mvcom_tf.models.heads import MarginHead
+
+
+class MarginStep:
+    """One SGD step on the identity margin loss with per-sample margins, run per replica.
+
+    `class_margins[y]` is each identity's margin (constant for CosFace pre-training, the
+    class-aware prior in the meta stage); `extra_margins` adds per-sample residuals.
+    Losses are summed and divided by the global batch, so that the gradients that
+    MirroredStrategy sums over replicas are those of the global mean.
+    """
+
+    def __init__(self, backbone: keras.Model, head: MarginHead, optimizer: keras.optimizers.Optimizer,
+                 class_margins: tf.Tensor, global_batch: int) -> None:
+        self.backbone, self.head, self.optimizer = backbone, head, optimizer
+        self.class_margins = class_margins
+        self.global_batch = global_batch
+
+    @property
+    def variables(self) -> list:
+        return self.backbone.trainable_variables + self.head.trainable_variables
+
+    def margins(self, labels: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.class_margins, labels)
+
+    def forward(self, images, trainable_values=None):
+        """Embeddings at the current (or given) trainable values, and the BatchNorm statistics they produce.
+
+        `stateless_call` keeps the moving statistics out of the forward pass: the step assigns
+        them after the gradient all-reduce, so every replica runs its collectives in one order.
+        """
+        if trainable_values is None:
+            trainable_values = [v.value for v in self.backbone.trainable_variables]
+        non_trainable_values = [v.value for v in self.backbone.non_trainable_variables]
+        return self.backbone.stateless_call(trainable_values, non_trainable_values, images, training=True)
+
+    def losses_and_gradients(self, images, labels, margins):
+        """Per-sample losses, logits, the gradients of their global-batch mean and the new BN statistics."""
+        trainable_values = [v.value for v in self.backbone.trainable_variables]
+        with tf.GradientTape() as tape:
+            tape.watch(trainable_values)
+            embeddings, statistics = self.forward(images, trainable_values)
+            logits = self.head(embeddings, labels, margins)
+            per_sample = identity_loss(logits, labels)
+            loss = tf.reduce_sum(per_sample) / self.global_batch
+        gradients = tape.gradient(loss, trainable_values + self.head.trainable_variables)
+        return per_sample, logits, gradients, statistics
+
+    def apply(self, gradients, statistics) -> None:
+        self.optimizer.apply_gradients(zip(gradients, self.variables))
+        assign_statistics(self.backbone, statistics)
+
+    def __call__(self, batch: dict[str, tf.Tensor], meta_batch=None) -> dict[str, tf.Tensor]:
+        labels = batch["identity"]
+        margins = self.margins(labels)
+        per_sample, logits, gradients, statistics = self.losses_and_gradients(batch["image"], labels, margins)
+        self.apply(gradients, statistics)
+        return batch_metrics(per_sample, logits, labels, margins)
+
+
+def batch_metrics(per_sample_loss, logits, labels, margins) -> dict[str, tf.Tensor]:
+    """Per-replica sums for the progress line and TensorBoard (divided by the global batch later)."""
+    correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
+    return {"loss": tf.reduce_sum(per_sample_loss), "accuracy": tf.reduce_sum(correct),
+            "margin": tf.reduce_sum(margins), "margin_sq": tf.reduce_sum(tf.square(margins)),
+            "images": tf.cast(tf.size(labels), tf.float32)}
+
+
+def assign_statistics(model: keras.Model, statistics: list[tf.Tensor]) -> None:
+    """Stores new BatchNorm moving statistics, averaged over replicas (identical ones with --sync_bn).
+
+    The average is taken in a merge_call, a point every replica reaches in the same order, so
+    its all-reduce cannot interleave with the gradient all-reduce of another replica.
+    """
+    def merge(strategy, per_replica):
+        for variable, value in zip(model.non_trainable_variables, per_replica):
+            variable.assign(strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None))
+
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        merge(tf.distribute.get_strategy(), statistics)
+    else:
+        context.merge_call(merge, args=(statistics,))

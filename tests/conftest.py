@@ -1,0 +1,38 @@
+"""Test set-up: two logical CPU devices (for MirroredStrategy) and small synthetic datasets made once."""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Logical devices must be configured before TensorFlow's runtime starts, so it happens at import.
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """train (60 identities), meta (16) and test (16) splits at 32 px."""
+    from mvcom_tf.data import synthetic
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    configs = {
+        "train": synthetic.SplitConfig(num_identities=60, image_size=32, seed=3, max_images=20, min_images=4),
+        "meta": synthetic.SplitConfig(num_identities=16, image_size=32, seed=3, meta_images=6),
+        "test": synthetic.SplitConfig(num_identities=16, image_size=32, seed=3),
+    }
+    for split, config in configs.items():
+        synthetic.write_split(str(root / split), split, config, num_shards=2)
+    return root
+
+
+def run_module(args, cwd=REPO, timeout=600, env=None):
+    """Runs `python <args>` in a fresh process; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)

@@ -1,0 +1,122 @@
+"""The training command end to end, in fresh processes: bad flags, kill and resume, the demo, the SavedModel."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, run_module
+
+TINY = ["--backbone=iresnet18", "--width_multiplier=0.125", "--embedding_size=16", "--batch_size=16",
+        "--stage=pretrain", "--log_every=2"]
+
+
+def data_flags(root):
+    return [f"--train_data={root}/train", f"--meta_data={root}/meta", f"--eval_data={root}/test"]
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--backbone=iresnet99", "flag --backbone=iresnet99"),
+    ("--image_size=40", "--image_size must be divisible by 16"),
+    ("--stage=pretrain,finetune", "--stage must list some of pretrain, meta"),
+])
+def test_bad_flags_exit_with_a_message_naming_the_flag(tmp_path, flag, expected):
+    result = run_module(["-m", "mvcom_tf.train", flag, f"--model_dir={tmp_path}/run"])
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_data_folders_exit_with_a_message_naming_the_path(tmp_path, tiny_data):
+    result = run_module(["-m", "mvcom_tf.train", f"--train_data={tmp_path}/missing", *TINY,
+                         f"--model_dir={tmp_path}/run"])
+    assert result.returncode == 2
+    assert f"error: --train_data: dataset folder {tmp_path}/missing does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    other = tmp_path / "v2"
+    other.mkdir()
+    for item in (tiny_data / "train").iterdir():
+        (other / item.name).write_bytes(item.read_bytes())
+    info = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**info, "schema_version": 2}))
+    result = run_module(["-m", "mvcom_tf.train", f"--train_data={other}", *TINY, f"--model_dir={tmp_path}/run"])
+    assert result.returncode == 2
+    assert f"--train_data: {other}/dataset.json has schema_version 2" in result.stderr.strip().splitlines()[-1]
+
+
+def final_weights(run_dir, step):
+    reader = tf.train.load_checkpoint(f"{run_dir}/checkpoints/pretrain/ckpt-{step}")
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_data):
+    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=12",
+            "--checkpoint_every=3", "--epochs=3"]
+    straight = run_module([*args, f"--model_dir={tmp_path}/straight"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    interrupted = f"{tmp_path}/interrupted"
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen([sys.executable, *args, f"--model_dir={interrupted}"], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(f"{interrupted}/checkpoints/pretrain/ckpt-6.index") and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(f"{interrupted}/checkpoints/pretrain/ckpt-12.index")
+    resumed = run_module([*args, f"--model_dir={interrupted}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    a, b = final_weights(f"{tmp_path}/straight", 12), final_weights(interrupted, 12)
+    assert a.keys() == b.keys() and len(a) > 50
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+LOAD_SAVED_MODEL = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    model = tf.saved_model.load(sys.argv[1])
+    serving = model.signatures["serving_default"]
+    spec = serving.structured_input_signature[1]["images"]
+    outputs = serving.structured_outputs["embedding"]
+    images = np.load(sys.argv[2])
+    embedding = serving(images=tf.constant(images))["embedding"].numpy()
+    np.save(sys.argv[3], embedding)
+    assert not any(name.startswith("mvcom_tf") for name in sys.modules)
+    print(spec.dtype.name, spec.shape.as_list(), outputs.dtype.name, outputs.shape.as_list())
+""")
+
+
+def test_saved_model_loads_without_mvcom_tf_and_matches(tmp_path):
+    from mvcom_tf.export import embedding_fn, export_saved_model
+    from mvcom_tf.models.iresnet import build_iresnet
+
+    tf.keras.utils.set_random_seed(4)
+    backbone = build_iresnet("iresnet18", 32, 16, width_multiplier=0.125)
+    # Non-trivial BatchNorm statistics, so that inference mode is checked too.
+    for variable in backbone.non_trainable_variables:
+        variable.assign(np.random.default_rng(1).uniform(0.5, 1.5, variable.shape).astype(np.float32))
+    export_saved_model(backbone, str(tmp_path / "export"), 32)
+    images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SAVED_MODEL)
+    result = run_module([str(script), str(tmp_path / "export"), str(tmp_path / "images.npy"),
+                         str(tmp_path / "out.npy")], cwd=str(tmp_path), env={"PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["uint8", "[None,", "32,", "32,", "3]", "float32", "[None,", "16]"]
+    expected = embedding_fn(backbone)(tf.constant(images)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)

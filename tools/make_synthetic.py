@@ -1,0 +1,48 @@
+"""Render a synthetic face split: `python tools/make_synthetic.py --out_dir data/synthetic/train --split train`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from mvcom_tf.data import synthetic
+
+flags.DEFINE_string("out_dir", None, "Folder to write the split to (shards + dataset.json).", required=True)
+flags.DEFINE_enum("split", "train", list(synthetic.SPLITS), "train: long-tailed; meta: balanced factors; "
+                  "test: verification pairs balanced within every group.")
+flags.DEFINE_integer("num_identities", 500, "Identities in the split.", lower_bound=8)
+flags.DEFINE_integer("image_size", 32, "Image size in pixels.", lower_bound=16)
+flags.DEFINE_integer("seed", 0, "Seed: the same seed gives the same bytes.")
+flags.DEFINE_integer("num_shards", 4, "TFRecord shards.", lower_bound=1)
+flags.DEFINE_integer("max_images", 80, "train: images of the largest identity.", lower_bound=1)
+flags.DEFINE_integer("min_images", 5, "train: images of the smallest identity.", lower_bound=1)
+flags.DEFINE_float("zipf_exponent", 0.5, "train: images per identity ~ rank ** -exponent.", lower_bound=0.0)
+flags.DEFINE_integer("meta_images", 10, "meta: images per identity.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    config = synthetic.SplitConfig(
+        num_identities=FLAGS.num_identities, image_size=FLAGS.image_size, seed=FLAGS.seed,
+        max_images=FLAGS.max_images, min_images=FLAGS.min_images, zipf_exponent=FLAGS.zipf_exponent,
+        meta_images=FLAGS.meta_images)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done % 500 == 0 or done == total:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"\r{FLAGS.split}: {done}/{total} images, {rate:.0f} images/s, "
+                  f"ETA {(total - done) / max(rate, 1e-9):.0f} s", end="", file=sys.stderr, flush=True)
+
+    info = synthetic.write_split(FLAGS.out_dir, FLAGS.split, config, FLAGS.num_shards, progress)
+    print(f"\nwrote {info.num_images} images of {info.num_identities} identities to {FLAGS.out_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)
