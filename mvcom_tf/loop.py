@@ -167,7 +167,7 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
         total_steps = min(total_steps, config.max_steps)
     with strategy.scope():
         state = build_state(config, info, steps_per_epoch, stage)
-        class_margins = tf.constant(stage_margins(config, stage, info))
+        class_margins = tf.constant(stage_margins(config, stage, info), keras.config.floatx())
         meta_info = None
         if stage == "meta":
             from mvcom_tf.meta.step import build_meta_step  # the meta stage's own pieces

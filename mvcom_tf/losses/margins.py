@@ -11,7 +11,7 @@ MARGIN_PRIORS = ("constant", "volume")
 
 def identity_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """Per-sample softmax cross-entropy [B] of scaled margin logits [B, C] against identity labels [B]."""
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=tf.cast(logits, tf.float32))
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
 def class_aware_margins(images_per_identity, base: float = 0.35, power: float = 0.25,
@@ -37,7 +37,7 @@ def variation_losses(logits: dict[str, tf.Tensor], labels: dict[str, tf.Tensor])
         known = labels[factor] >= 0
         safe_labels = tf.where(known, labels[factor], 0)
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=factor_logits)
-        losses[factor] = tf.where(known, loss, 0.0)
+        losses[factor] = tf.where(known, loss, tf.zeros_like(loss))
     return losses
 
 

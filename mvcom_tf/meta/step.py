@@ -54,9 +54,10 @@ class MetaStep:
 
     def eta(self) -> tf.Tensor:
         """The pseudo-update step size: --meta_inner_lr, or the optimizer's current learning rate."""
+        dtype = keras.config.floatx()
         if self.inner_lr:
-            return tf.constant(self.inner_lr, tf.float32)
-        return tf.cast(self.margin_step.optimizer.learning_rate, tf.float32)
+            return tf.constant(self.inner_lr, dtype)
+        return tf.cast(self.margin_step.optimizer.learning_rate, dtype)
 
     def variation_loss_sums(self, embeddings, labels) -> tuple[dict, dict]:
         """Per-factor variation loss over the global meta batch (unknown labels add 0), and the logits."""
@@ -188,7 +189,7 @@ def residual_sums(residuals: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str
     for index, factor in enumerate(schema.FACTORS):
         labels = batch[factor]
         classes = schema.NUM_CLASSES[factor]
-        onehot = tf.one_hot(labels, classes, dtype=tf.float32)  # -1 gives a zero row
+        onehot = tf.one_hot(labels, classes, dtype=residuals.dtype)  # -1 gives a zero row
         sums[f"residual/{factor}/sum"] = tf.linalg.matvec(onehot, residuals[:, index], transpose_a=True)
         sums[f"residual/{factor}/count"] = tf.reduce_sum(onehot, axis=0)
     return sums

@@ -17,7 +17,8 @@ class MarginHead(keras.layers.Layer):
 
     `call(embeddings, labels, margins)`: cosine logits cos(theta_c) = <f/|f|, W_c/|W_c|>; the
     target class gets `cos - m` (CosFace) or `cos(theta + m)` (ArcFace), all times `scale`.
-    `margins` is a per-sample [B] tensor (MvCoM feeds its own) or a scalar.
+    `margins` is a per-sample [B] tensor (MvCoM feeds its own) or a scalar keyword argument.
+    Under mixed precision, build it with dtype="float32": margin logits need the precision.
     """
 
     def __init__(self, num_classes: int, loss: str = "cosface", scale: float = 64.0, **kwargs):
@@ -29,19 +30,19 @@ class MarginHead(keras.layers.Layer):
     def build(self, embedding_shape):
         self.kernel = self.add_weight(
             name="kernel", shape=(embedding_shape[-1], self.num_classes),
-            initializer=keras.initializers.RandomNormal(stddev=0.01), dtype="float32")
+            initializer=keras.initializers.RandomNormal(stddev=0.01))
 
     def cosine(self, embeddings):
-        """cos(theta) [B, C] between embeddings and class centres, in float32."""
-        embeddings = ops.cast(embeddings, "float32")
+        """cos(theta) [B, C] between embeddings and class centres."""
+        embeddings = ops.cast(embeddings, self.compute_dtype)
         normalized = embeddings / ops.maximum(ops.norm(embeddings, axis=-1, keepdims=True), 1e-12)
         kernel = self.kernel / ops.maximum(ops.norm(self.kernel, axis=0, keepdims=True), 1e-12)
         return ops.matmul(normalized, kernel)
 
     def call(self, embeddings, labels, margins):
         cosine = self.cosine(embeddings)
-        margins = ops.broadcast_to(ops.cast(margins, "float32"), ops.shape(labels))
-        onehot = ops.one_hot(labels, self.num_classes, dtype="float32")
+        margins = ops.broadcast_to(ops.cast(margins, cosine.dtype), ops.shape(labels))
+        onehot = ops.one_hot(labels, self.num_classes, dtype=cosine.dtype)
         target_cos = ops.sum(cosine * onehot, axis=-1)
         if self.loss == "cosface":
             target_logit = target_cos - margins
@@ -66,7 +67,7 @@ class VariationHeads(keras.layers.Layer):
         super().__init__(**kwargs)
         self.factors = tuple(factors)
         self.classifiers = {factor: keras.layers.Dense(schema.NUM_CLASSES[factor], name=f"{factor}_classifier",
-                                                       dtype="float32")
+                                                       dtype=self.dtype_policy)
                             for factor in self.factors}
 
     def build(self, embedding_shape):
@@ -75,7 +76,7 @@ class VariationHeads(keras.layers.Layer):
 
     def call(self, embeddings):
         """Logits per factor: {factor: [B, classes]}."""
-        embeddings = ops.cast(embeddings, "float32")
+        embeddings = ops.cast(embeddings, self.compute_dtype)
         return {factor: classifier(embeddings) for factor, classifier in self.classifiers.items()}
 
     def get_config(self):

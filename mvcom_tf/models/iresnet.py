@@ -34,7 +34,10 @@ class SyncBatchNormalization(layers.BatchNormalization):
         if mask is not None or context is None or context.num_replicas_in_sync == 1:
             return super()._moments(inputs, mask)
         axes = self._reduction_axes
-        count = context.all_reduce("sum", tf.cast(tf.reduce_prod(tf.gather(tf.shape(inputs), axes)), inputs.dtype))
+        # Every replica holds the same number of images (batches drop their remainder), so the
+        # global count needs no all-reduce: each all-reduce costs a graph walk when traced.
+        local_count = tf.reduce_prod(tf.gather(tf.shape(inputs), axes))
+        count = tf.cast(local_count * context.num_replicas_in_sync, inputs.dtype)
         mean = context.all_reduce("sum", tf.reduce_sum(inputs, axis=axes)) / count
         deviations = tf.reduce_sum(tf.square(inputs - mean), axis=axes)
         return mean, context.all_reduce("sum", deviations) / count

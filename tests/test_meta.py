@@ -1,0 +1,219 @@
+"""The MvCoM meta stage: the meta-gradient against finite differences, tau = 0, unknown labels, the prior, sampling."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mvcom_tf.data import schema
+from mvcom_tf.losses.margins import class_aware_margins
+from mvcom_tf.loop import make_strategy
+from mvcom_tf.meta.sampling import select_meta_batch
+from mvcom_tf.meta.step import MetaStep
+from mvcom_tf.models.heads import MarginHead, VariationHeads
+from mvcom_tf.models.iresnet import build_iresnet
+from mvcom_tf.steps import MarginStep
+
+NUM_IDS, BATCH, META, SIZE, ETA = 6, 8, 8, 16, 0.5
+
+
+@pytest.fixture
+def float64():
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx("float32")
+
+
+def make_batches(seed=0):
+    rng = np.random.default_rng(seed)
+    batch = {"image": rng.normal(size=(BATCH, SIZE, SIZE, 3)), "identity": rng.integers(0, NUM_IDS, BATCH)}
+    meta = {"image": rng.normal(size=(META, SIZE, SIZE, 3))}
+    for factor in schema.FACTORS:
+        batch[factor] = rng.integers(0, schema.NUM_CLASSES[factor], BATCH)
+        labels = rng.integers(0, schema.NUM_CLASSES[factor], META)
+        labels[rng.random(META) < 0.3] = -1  # unknown labels mixed in
+        meta[factor] = labels
+    cast = lambda d: {k: tf.constant(v, keras.config.floatx() if k == "image" else tf.int32) for k, v in d.items()}
+    return cast(batch), cast(meta)
+
+
+def small_backbone(sync_bn):
+    """conv-BN-PReLU twice, then the IResNet output block: the meta step only needs the `output_` names.
+
+    Under MirroredStrategy every synchronised BatchNorm adds all-reduces whose custom gradients
+    TensorFlow traces slowly at second order; this keeps the distributed check quick."""
+    if not sync_bn:
+        return build_iresnet("iresnet18", SIZE, 8, width_multiplier=0.0625)
+    from mvcom_tf.models.iresnet import SyncBatchNormalization
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = inputs
+    for index in range(2):
+        x = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False, name=f"conv{index}")(x)
+        x = SyncBatchNormalization(name=f"bn{index}")(x)
+        x = keras.layers.PReLU(shared_axes=[1, 2], name=f"prelu{index}")(x)
+    x = SyncBatchNormalization(name="output_bn")(x)
+    x = keras.layers.Flatten(name="output_flatten")(x)
+    x = keras.layers.Dense(8, name="output_fc")(x)
+    outputs = SyncBatchNormalization(name="output_features", scale=False)(x)
+    return keras.Model(inputs, outputs)
+
+
+def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False):
+    keras.utils.set_random_seed(1)
+    with strategy.scope():
+        backbone = small_backbone(sync_bn)
+        head = MarginHead(NUM_IDS, scale=8.0)
+        head.build((None, 8))
+        heads = VariationHeads()
+        heads.build((None, 8))
+        for layer in heads.classifiers.values():  # non-trivial heads, so every factor's loss has a gradient
+            layer.kernel.assign(np.random.default_rng(2).normal(0, 1, layer.kernel.shape))
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+        optimizer.build(backbone.trainable_variables + head.trainable_variables)
+        heads_optimizer = keras.optimizers.SGD(0.1)
+        heads_optimizer.build(heads.trainable_variables)
+        prior = tf.constant(np.linspace(0.25, 0.45, NUM_IDS), keras.config.floatx())
+        margin_step = MarginStep(backbone, head, optimizer, prior, BATCH)
+        meta_step = MetaStep(margin_step, heads, heads_optimizer, tau=tau, inner_lr=ETA, residual_max=1e9,
+                             scope=scope, factor_weights=weights, sampling="random", meta_batch=META // strategy.num_replicas_in_sync,
+                             global_meta_batch=META)
+    return meta_step
+
+
+def residuals_under(strategy, meta_step, batch, meta):
+    """r [B, 4] computed per replica (each replica gets its slice of both batches)."""
+    replicas = strategy.num_replicas_in_sync
+
+    def slice_of(data, context):
+        n = len(next(iter(data.values()))) // replicas
+        i = context.replica_id_in_sync_group
+        return {k: v[i * n:(i + 1) * n] for k, v in data.items()}
+
+    local_batch = strategy.experimental_distribute_values_from_function(lambda c: slice_of(batch, c))
+    local_meta = strategy.experimental_distribute_values_from_function(lambda c: slice_of(meta, c))
+
+    @tf.function
+    def run(b, m):
+        def fn(b, m):
+            return meta_step.residuals(b, m, meta_step.margin_step.margins(b["identity"]))[0]
+        return strategy.run(fn, args=(b, m))
+
+    return np.concatenate([r.numpy() for r in strategy.experimental_local_results(run(local_batch, local_meta))])
+
+
+def variation_losses_after_pseudo_update(meta_step, batch, meta, margins):
+    """Independent reference: copy the weights into a fresh network, take a real SGD step with
+    variable assignments, then the variation losses on V (unknown labels excluded by hand)."""
+    source = meta_step.margin_step
+    clone = keras.models.clone_model(source.backbone)
+    clone.set_weights(source.backbone.get_weights())
+    with tf.GradientTape() as tape:
+        logits = source.head(clone(batch["image"], training=True), batch["identity"], tf.constant(margins))
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(batch["identity"], logits)) / BATCH
+    variables = [v for v, m in zip(clone.trainable_variables, meta_step.pseudo_mask) if m]
+    for variable, gradient in zip(variables, tape.gradient(loss, variables)):
+        variable.assign_sub(ETA * gradient)
+    features = clone(meta["image"], training=True)
+    losses = {}
+    for factor, layer in meta_step.heads.classifiers.items():
+        logits = (features.numpy() @ layer.kernel.numpy() + layer.bias.numpy())
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        labels = meta[factor].numpy()
+        known = labels >= 0
+        losses[factor] = -log_probs[np.arange(META)[known], labels[known]].sum() / META
+    return losses
+
+
+@pytest.mark.parametrize("strategy_name,scope,sync_bn", [
+    ("default", "all", False), ("default", "head", False), ("default", "all", True), ("mirrored", "all", True)])
+def test_residual_update_is_minus_tau_times_the_finite_difference(float64, strategy_name, scope, sync_bn):
+    strategy = make_strategy(strategy_name)
+    meta_step = build(strategy, scope=scope, tau=1.0, sync_bn=sync_bn)
+    batch, meta = make_batches()
+    residuals = residuals_under(strategy, meta_step, batch, meta)
+    prior = meta_step.margin_step.margins(batch["identity"]).numpy()
+    epsilon = 1e-4
+    for j in (0, 3, 6):
+        up, down = prior.copy(), prior.copy()
+        up[j] += epsilon
+        down[j] -= epsilon
+        plus = variation_losses_after_pseudo_update(meta_step, batch, meta, up)
+        minus = variation_losses_after_pseudo_update(meta_step, batch, meta, down)
+        for k, factor in enumerate(schema.FACTORS):
+            derivative = (plus[factor] - minus[factor]) / (2 * epsilon)
+            assert abs(derivative) > 1e-8, (factor, j)  # a real signal, not 0 = 0
+            assert residuals[j, k] == pytest.approx(-derivative, rel=1e-4), (factor, j)
+
+
+def test_unknown_labels_give_zero_loss_and_zero_residual(float64):
+    meta_step = build(tf.distribute.get_strategy())
+    batch, meta = make_batches()
+    meta["blur"] = tf.fill([META], -1)
+    residuals = residuals_under(tf.distribute.get_strategy(), meta_step, batch, meta)
+    assert np.all(residuals[:, schema.FACTORS.index("blur")] == 0.0)
+    assert np.all(residuals[:, schema.FACTORS.index("pose")] != 0.0)
+    from mvcom_tf.losses.margins import variation_losses
+    losses = variation_losses({"blur": tf.ones([3, 4], tf.float64)}, {"blur": tf.constant([-1, 2, -1])})
+    np.testing.assert_allclose(losses["blur"].numpy(), [0.0, np.log(4.0), 0.0])
+
+
+def test_factor_weight_zero_switches_a_factor_off(float64):
+    meta_step = build(tf.distribute.get_strategy(), weights=(1.0, 0.0, 2.0, 1.0))
+    reference = build(tf.distribute.get_strategy())
+    batch, meta = make_batches()
+    weighted = residuals_under(tf.distribute.get_strategy(), meta_step, batch, meta)
+    plain = residuals_under(tf.distribute.get_strategy(), reference, batch, meta)
+    np.testing.assert_array_equal(weighted[:, 1], 0.0)
+    np.testing.assert_allclose(weighted[:, 2], 2.0 * plain[:, 2], rtol=1e-12)
+
+
+def test_tau_zero_takes_exactly_the_plain_margin_steps():
+    strategy = tf.distribute.get_strategy()
+    batches = [make_batches(seed) for seed in range(3)]
+    meta_step = build(strategy, tau=0.0)
+    plain = build(strategy, tau=0.0).margin_step
+    for batch, meta in batches:
+        meta_step(batch, meta)
+        plain(batch)
+    a = meta_step.margin_step.backbone.get_weights() + meta_step.margin_step.head.get_weights()
+    b = plain.backbone.get_weights() + plain.head.get_weights()
+    assert any(np.max(np.abs(x - y)) > 0 for x, y in zip(a, build(strategy).margin_step.backbone.get_weights()))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_volume_prior_matches_the_formula():
+    counts = np.array([1, 4, 16, 64, 256, 0])
+    margins = class_aware_margins(counts, base=0.35, power=0.25, minimum=0.25, maximum=0.45)
+    reference = np.exp(np.mean(np.log(counts[:5].astype(float))))  # geometric mean: 16
+    expected = np.clip(0.35 * (reference / counts[:5]) ** 0.25, 0.25, 0.45)
+    np.testing.assert_allclose(margins[:5], expected, rtol=1e-6)
+    assert margins[0] == pytest.approx(0.45) and margins[2] == pytest.approx(0.35)
+    assert margins[5] == pytest.approx(0.35)
+    np.testing.assert_allclose(class_aware_margins(counts, power=0.0), 0.35)
+
+
+def test_hard_sampling_picks_what_brute_force_scoring_picks():
+    rng = np.random.default_rng(5)
+    train = {f: tf.constant(rng.integers(-1, schema.NUM_CLASSES[f], 32), tf.int32) for f in schema.FACTORS}
+    train["pose"] = tf.constant(np.r_[np.full(28, 3), [0, 6, -1, -1]], tf.int32)  # mostly frontal
+    pool = {f: tf.constant(rng.integers(-1, schema.NUM_CLASSES[f], 40), tf.int32) for f in schema.FACTORS}
+    pool["image"] = tf.range(40)
+    chosen = select_meta_batch(pool, train, keep=10, rule="hard")["image"].numpy()
+
+    def score(i):
+        total = 0.0
+        for f in schema.FACTORS:
+            label = int(pool[f][i])
+            if label < 0:
+                continue
+            known = [int(x) for x in train[f].numpy() if x >= 0]
+            p = (known.count(label) + 1) / (len(known) + schema.NUM_CLASSES[f])
+            total += -np.log(p)
+        return total
+
+    brute = sorted(range(40), key=lambda i: (-score(i), i))[:10]
+    assert list(chosen) == brute
+    assert list(select_meta_batch(pool, train, keep=10, rule="random")["image"].numpy()) == list(range(10))
