@@ -22,6 +22,9 @@ from mvcom_tf.models.iresnet import build_iresnet
 from mvcom_tf.steps import MarginStep
 
 METRICS_FILE = "metrics.json"
+# Step metrics are per-replica sums, added over replicas; those named VALUES + name are
+# per-sample values, gathered over replicas (histograms in TensorBoard).
+VALUES = "values/"
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -52,6 +55,7 @@ class StageState:
     step: tf.Variable
     epoch: tf.Variable
     extras: dict = dataclasses.field(default_factory=dict)  # stage-specific trackables (meta: variation heads)
+    summary: dict = dataclasses.field(default_factory=dict)  # the step's scalars over the stage, for metrics.json
 
     def checkpoint(self) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(backbone=self.backbone, head=self.head, optimizer=self.optimizer,
@@ -97,11 +101,22 @@ class Progress:
         self.stage, self.total_steps, self.writer = stage, total_steps, writer
         self.summaries = summaries  # the step's own scalars from the summed metrics
         self.sums: dict[str, np.ndarray] = {}
+        self.totals: dict[str, np.ndarray] = {}  # over the whole stage (since this process started it)
+        self.latest: dict[str, np.ndarray] = {}
         self.since_step, self.since_time = first_step, time.perf_counter()
 
     def add(self, metrics: dict[str, tf.Tensor]) -> None:
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + np.asarray(value, np.float64)
+            value = np.asarray(value, np.float64)
+            if key.startswith(VALUES):  # per-sample values: the latest batch's, for histograms
+                self.latest[key[len(VALUES):]] = value
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.totals[key] = self.totals.get(key, 0.0) + value
+
+    def stage_summary(self) -> dict[str, float]:
+        """The step's own scalars over the whole stage (the meta stage: mean residual per class)."""
+        return self.summaries(self.totals) if self.summaries and self.totals else {}
 
     def report(self, step: int, epoch: int, lr: float) -> None:
         elapsed = max(time.perf_counter() - self.since_time, 1e-9)
@@ -118,16 +133,21 @@ class Progress:
             })
         if self.summaries:
             scalars.update(self.summaries(self.sums))
-        eta = (self.total_steps - step) / steps_per_s
-        logging.info("[%s] step %d/%d epoch %d loss %.4f acc %.3f lr %.5g images/s %.1f ETA %s",
-                     self.stage, step, self.total_steps, epoch + 1, scalars.get("loss", float("nan")),
-                     scalars.get("accuracy", float("nan")), lr, scalars["images_per_s"],
-                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / steps_per_s))
+        if "loss" in scalars:
+            logging.info("[%s] step %d/%d epoch %d loss %.4f acc %.3f lr %.5g images/s %.1f ETA %s", self.stage,
+                         step, self.total_steps, epoch + 1, scalars["loss"], scalars["accuracy"], lr,
+                         scalars["images_per_s"], eta)
+        else:
+            logging.info("[%s] step %d/%d epoch %d warm-up of the variation heads, images/s %.1f ETA %s",
+                         self.stage, step, self.total_steps, epoch + 1, scalars["images_per_s"], eta)
         if self.writer:
             with self.writer.as_default(step=step):
                 for name, value in scalars.items():
                     tf.summary.scalar(name, value)
-        self.sums = {}
+                for name, values in self.latest.items():
+                    tf.summary.histogram(name, values)
+        self.sums, self.latest = {}, {}
         self.since_step, self.since_time = step, time.perf_counter()
 
 
@@ -196,12 +216,13 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
 
     def train_step(replica_fn, iterator, meta_iterator):
         if replica_fn not in compiled:
-            @tf.function
+            @tf.function(autograph=False)  # no Python control flow to convert: the branch below is static
             def run(iterator, meta_iterator):
                 batch = next(iterator)
                 meta_batch = next(meta_iterator) if meta_iterator is not None else None
                 per_replica = strategy.run(replica_fn, args=(batch, meta_batch))
-                return {key: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                return {key: strategy.gather(value, axis=0) if key.startswith(VALUES)
+                        else strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                         for key, value in per_replica.items()}
             compiled[replica_fn] = run
         return compiled[replica_fn](iterator, meta_iterator)
@@ -238,6 +259,7 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
         manager.save(checkpoint_number=step)
     if writer:
         writer.flush()
+    state.summary = progress.stage_summary()
     return state
 
 
@@ -279,9 +301,10 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     for stage in config.stage:
         state = run_stage(config, stage, strategy, init_checkpoint)
         init_checkpoint = posixpath.join(config.model_dir, "checkpoints", stage)
+        metrics["stages"][stage] = {"training": state.summary}
         if config.eval_data:
             result = evaluate(config, state.backbone)
-            metrics["stages"][stage] = result
+            metrics["stages"][stage].update(result)
             logging.info("[%s] verification accuracy on %s: %.4f", stage, config.eval_data, result["accuracy"])
             writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage))
             with writer.as_default(step=int(state.step.numpy())):

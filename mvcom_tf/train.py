@@ -39,7 +39,8 @@ flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across rep
 flags.DEFINE_enum("loss", "cosface", ["cosface", "arcface"], "Margin loss of the identity head.")
 flags.DEFINE_float("margin", 0.35, "Margin m: the constant margin of pre-training and m_base of the meta prior.",
                    lower_bound=0.0)
-flags.DEFINE_float("scale", 64.0, "Logit scale s.", lower_bound=0.0)
+flags.DEFINE_float("scale", 32.0, "Logit scale s (64 for the paper; the 32-px demo learns far better with 32: README).",
+                   lower_bound=0.0)
 flags.DEFINE_enum("margin_prior", "volume", ["constant", "volume"], "Meta stage: per-identity margin prior; "
                   "volume: m_y = m * (n_ref / n_y) ** power, clipped (METHOD.md).")
 flags.DEFINE_float("margin_prior_power", 0.25, "Power p of the volume prior (0 gives the constant margin).",
@@ -61,7 +62,8 @@ flags.DEFINE_integer("meta_epochs", 2, "Epochs of the meta stage.", lower_bound=
 flags.DEFINE_float("meta_lr", 0.01, "Initial learning rate of the meta stage.", lower_bound=0.0)
 flags.DEFINE_list("meta_lr_steps", [], "Epochs of the meta stage at which its learning rate is multiplied by 0.1.")
 flags.DEFINE_integer("meta_batch_size", 0, "Meta batch size |V| (global); 0: the training batch size.", lower_bound=0)
-flags.DEFINE_float("meta_lr_tau", 2000.0, "Step size tau of the residual update (Eq. 13).", lower_bound=0.0)
+flags.DEFINE_float("meta_lr_tau", 1000.0, "Step size tau of the residual update (Eq. 13); chosen by the spread of r "
+                   "it gives (README, \"Choosing tau\").", lower_bound=0.0)
 flags.DEFINE_float("meta_inner_lr", 0.0, "Step size eta of the pseudo update (Eq. 12); 0: the current lr.",
                    lower_bound=0.0)
 flags.DEFINE_float("residual_max", 0.2, "Residuals r are clipped to [-residual_max, residual_max].", lower_bound=0.0)
@@ -185,8 +187,9 @@ def main(argv: list[str]) -> int:
 
 
 def run_main() -> None:
-    # TensorFlow's C++ start-up chatter hides the progress lines; errors still show.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ logging repeats harmless start-up and tf.data notices that hide the
+    # progress lines; Python exceptions still show. Set TF_CPP_MIN_LOG_LEVEL to see them.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     app.run(main)
 
 

@@ -15,6 +15,18 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
+@pytest.fixture
+def float64():
+    """Layers built inside the test compute in float64 (Keras caches the policy: both are reset)."""
+    import keras
+
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """train (60 identities), meta (16) and test (16) splits at 32 px."""

@@ -1,6 +1,5 @@
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from mvcom_tf.data.pipeline import DecodeFailures
@@ -8,16 +7,6 @@ from mvcom_tf.data.tfrecord import read_info
 from mvcom_tf.loop import build_state, distributed_batches, make_strategy
 from mvcom_tf.steps import MarginStep
 from mvcom_tf.train import parse_config
-
-
-@pytest.fixture
-def float64():
-    # At initialisation a tiny network's BatchNorm layers amplify float32 rounding, which differs
-    # between one sum over 16 images and two sums over 8, by orders of magnitude: float64 shows
-    # that the two computations are the same mathematics.
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
 
 
 def train_steps(strategy, config, info, steps=2):
@@ -39,6 +28,9 @@ def train_steps(strategy, config, info, steps=2):
 
 
 def test_mirrored_two_replicas_with_sync_bn_equal_one_device(tiny_data, float64):
+    # At initialisation a tiny network's BatchNorm layers amplify float32 rounding, which differs
+    # between one sum over 16 images and two sums over 8, by orders of magnitude: float64 shows
+    # that the two computations are the same mathematics.
     config = parse_config([f"--train_data={tiny_data}/train", "--batch_size=16", "--width_multiplier=0.125",
                            "--embedding_size=16", "--sync_bn", "--lr=0.05"])
     info = read_info(config.train_data)

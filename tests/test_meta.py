@@ -17,13 +17,6 @@ from mvcom_tf.steps import MarginStep
 NUM_IDS, BATCH, META, SIZE, ETA = 6, 8, 8, 16, 0.5
 
 
-@pytest.fixture
-def float64():
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
-
-
 def make_batches(seed=0):
     rng = np.random.default_rng(seed)
     batch = {"image": rng.normal(size=(BATCH, SIZE, SIZE, 3)), "identity": rng.integers(0, NUM_IDS, BATCH)}

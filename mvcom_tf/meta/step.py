@@ -154,6 +154,8 @@ class MetaStep:
         metrics = batch_metrics(per_sample, logits, batch["identity"], margins)
         metrics.update(self.heads_update(meta))
         metrics.update(residual_sums(residuals, batch))
+        metrics["values/margin/final"] = margins
+        metrics.update({f"values/residual/{factor}": residuals[:, k] for k, factor in enumerate(schema.FACTORS)})
         return metrics
 
     def warmup(self, batch: dict[str, tf.Tensor], pool: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -176,6 +178,10 @@ class MetaStep:
                 scalars[f"variation/{factor}/loss"] = float(sums[f"variation/{factor}/loss"]) / known
                 scalars[f"variation/{factor}/accuracy"] = float(sums[f"variation/{factor}/correct"]) / known
             if f"residual/{factor}/sum" in sums:
+                samples = float(sums["images"])
+                mean = float(sums[f"residual/{factor}/all_sum"]) / samples
+                scalars[f"residual/{factor}/std"] = float(
+                    np.sqrt(max(float(sums[f"residual/{factor}/all_sq"]) / samples - mean ** 2, 0.0)))
                 totals, counts = sums[f"residual/{factor}/sum"], sums[f"residual/{factor}/count"]
                 for cls in range(schema.NUM_CLASSES[factor]):
                     if counts[cls]:
@@ -192,6 +198,8 @@ def residual_sums(residuals: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str
         onehot = tf.one_hot(labels, classes, dtype=residuals.dtype)  # -1 gives a zero row
         sums[f"residual/{factor}/sum"] = tf.linalg.matvec(onehot, residuals[:, index], transpose_a=True)
         sums[f"residual/{factor}/count"] = tf.reduce_sum(onehot, axis=0)
+        sums[f"residual/{factor}/all_sum"] = tf.reduce_sum(residuals[:, index])
+        sums[f"residual/{factor}/all_sq"] = tf.reduce_sum(tf.square(residuals[:, index]))
     return sums
 
 

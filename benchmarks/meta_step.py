@@ -1,0 +1,60 @@
+"""Seconds per iteration of the plain CosFace step and of the MvCoM meta step, side by side.
+
+    python benchmarks/meta_step.py [--backbone=iresnet18 --image_size=112 --batch=16 --repeats=5]
+
+Each variant runs in its own process (same model, same batch; the meta batch as large as the
+training batch, and half as large for the last row). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from benchmarks.steps import run_isolated
+
+flags.DEFINE_string("backbone", "iresnet18", "Backbone.")
+flags.DEFINE_integer("image_size", 112, "Image size.")
+flags.DEFINE_integer("batch", 16, "Training batch |T|.")
+flags.DEFINE_integer("repeats", 5, "Timed steps per variant (after 2 warm-up steps).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    common = {"backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "batch": FLAGS.batch,
+              "repeats": FLAGS.repeats}
+    rows = {
+        "plain": run_isolated(kind="plain", meta_batch=FLAGS.batch, **common),
+        "meta_all": run_isolated(kind="meta_all", meta_batch=FLAGS.batch, **common),
+        "meta_head": run_isolated(kind="meta_head", meta_batch=FLAGS.batch, **common),
+        "meta_all_half_v": run_isolated(kind="meta_all", meta_batch=FLAGS.batch // 2, **common),
+    }
+    plain = rows["plain"]["seconds"]
+    print(f"{FLAGS.backbone} {FLAGS.image_size}x{FLAGS.image_size}, |T| = {FLAGS.batch}, float32, "
+          f"median of {FLAGS.repeats} steps")
+    print(f"| step | |V| | s/iteration | x plain | peak MB |")
+    print(f"|---|---|---|---|---|")
+    for name, row in rows.items():
+        meta_batch = FLAGS.batch // 2 if name.endswith("half_v") else (FLAGS.batch if name != "plain" else 0)
+        print(f"| {name} | {meta_batch or '-'} | {row['seconds']:.3f} | {row['seconds'] / plain:.2f} | "
+              f"{row['peak_mb']:.0f} |")
+    summary = {
+        "backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "batch": FLAGS.batch,
+        "plain_s": plain, "meta_all_s": rows["meta_all"]["seconds"], "meta_head_s": rows["meta_head"]["seconds"],
+        "meta_all_half_v_s": rows["meta_all_half_v"]["seconds"],
+        "ratio_all": rows["meta_all"]["seconds"] / plain, "ratio_head": rows["meta_head"]["seconds"] / plain,
+        "ratio_all_half_v": rows["meta_all_half_v"]["seconds"] / plain,
+        "peak_mb_plain": rows["plain"]["peak_mb"], "peak_mb_all": rows["meta_all"]["peak_mb"],
+        "peak_mb_head": rows["meta_head"]["peak_mb"],
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)

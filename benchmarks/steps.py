@@ -1,0 +1,81 @@
+"""Shared by the benchmarks: one training step of a given kind, timed in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, num_classes: int = 1000):
+    """A compiled step function and its inputs: kind is plain, meta_all or meta_head."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from mvcom_tf.data import schema
+    from mvcom_tf.meta.step import MetaStep
+    from mvcom_tf.models.heads import MarginHead, VariationHeads
+    from mvcom_tf.models.iresnet import build_iresnet
+    from mvcom_tf.steps import MarginStep
+
+    keras.utils.set_random_seed(0)
+    model = build_iresnet(backbone, image_size, 512)
+    head = MarginHead(num_classes)
+    head.build((None, 512))
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer.build(model.trainable_variables + head.trainable_variables)
+    margin_step = MarginStep(model, head, optimizer, tf.fill([num_classes], 0.35), batch)
+    rng = np.random.default_rng(0)
+
+    def labelled(n):
+        data = {"image": tf.constant(rng.normal(size=(n, image_size, image_size, 3)), tf.float32),
+                "identity": tf.constant(rng.integers(0, num_classes, n), tf.int32)}
+        data.update({f: tf.constant(rng.integers(0, schema.NUM_CLASSES[f], n), tf.int32) for f in schema.FACTORS})
+        return data
+
+    batch_data, meta_data = labelled(batch), labelled(meta_batch)
+    if kind == "plain":
+        return tf.function(lambda: margin_step(batch_data)), batch
+    heads = VariationHeads()
+    heads.build((None, 512))
+    heads_optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    heads_optimizer.build(heads.trainable_variables)
+    meta_step = MetaStep(margin_step, heads, heads_optimizer, tau=1000.0, inner_lr=0.0, residual_max=0.2,
+                         scope=kind.removeprefix("meta_"), factor_weights=(1, 1, 1, 1), sampling="random",
+                         meta_batch=meta_batch, global_meta_batch=meta_batch)
+    return tf.function(lambda: meta_step(batch_data, meta_data)), batch
+
+
+def time_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, repeats: int,
+              warmup: int = 2) -> dict:
+    """Median seconds per step after warm-up, and the process's peak resident memory."""
+    step, images = build_step(kind, backbone, image_size, batch, meta_batch)
+    for _ in range(warmup):
+        step()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    median = statistics.median(seconds)
+    return {"kind": kind, "seconds": median, "images_per_s": images / median, "peak_mb": peak_mb,
+            "all_seconds": seconds}
+
+
+def run_isolated(**kwargs) -> dict:
+    """time_step in a fresh Python process, so that each variant's peak memory is its own."""
+    code = f"import json, sys; sys.path.insert(0, {REPO!r}); from benchmarks.steps import time_step; " \
+           f"print(json.dumps(time_step(**{kwargs!r})))"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark variant {kwargs} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
