@@ -97,7 +97,7 @@ def stage_margins(config: TrainConfig, stage: str, info: DatasetInfo) -> np.ndar
 class Progress:
     """The periodic progress line (step, loss, lr, images/s, ETA) and its TensorBoard scalars."""
 
-    def __init__(self, stage: str, total_steps: int, first_step: int, writer, summaries=None) -> None:
+    def __init__(self, stage: str, total_steps: int, first_step: int, writer, summaries) -> None:
         self.stage, self.total_steps, self.writer = stage, total_steps, writer
         self.summaries = summaries  # the step's own scalars from the summed metrics
         self.sums: dict[str, np.ndarray] = {}
@@ -116,7 +116,7 @@ class Progress:
 
     def stage_summary(self) -> dict[str, float]:
         """The step's own scalars over the whole stage (the meta stage: mean residual per class)."""
-        return self.summaries(self.totals) if self.summaries and self.totals else {}
+        return self.summaries(self.totals) if self.totals else {}
 
     def report(self, step: int, epoch: int, lr: float) -> None:
         elapsed = max(time.perf_counter() - self.since_time, 1e-9)
@@ -131,8 +131,7 @@ class Progress:
                 "margin/mean": margin,
                 "margin/std": float(np.sqrt(max(float(self.sums["margin_sq"]) / images - margin ** 2, 0.0))),
             })
-        if self.summaries:
-            scalars.update(self.summaries(self.sums))
+        scalars.update(self.summaries(self.sums))
         eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / steps_per_s))
         if "loss" in scalars:
             logging.info("[%s] step %d/%d epoch %d loss %.4f acc %.3f lr %.5g images/s %.1f ETA %s", self.stage,
@@ -176,32 +175,27 @@ def check_data(path: str, flag: str, config: TrainConfig) -> DatasetInfo:
     return info
 
 
-def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str,
-              is_chief: bool = True) -> StageState:
-    """Trains one stage to its last step (resuming from its own checkpoints) and returns its state."""
-    info = check_data(config.train_data, "train_data", config)
-    global_batch = config.batch_size
-    steps_per_epoch = info.num_images // global_batch
-    total_steps = config.schedule(stage).epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+def build_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, info: DatasetInfo,
+                steps_per_epoch: int):
+    """The stage's state, its step object (a per-replica callable) and the meta set's info (meta stage)."""
     with strategy.scope():
         state = build_state(config, info, steps_per_epoch, stage)
         class_margins = tf.constant(stage_margins(config, stage, info), keras.config.floatx())
-        meta_info = None
-        if stage == "meta":
-            from mvcom_tf.meta.step import build_meta_step  # the meta stage's own pieces
+        if stage != "meta":
+            step = MarginStep(state.backbone, state.head, state.optimizer, class_margins, config.batch_size)
+            return state, step, None
+        from mvcom_tf.meta.step import build_meta_step  # the meta stage's own pieces
 
-            meta_info = check_data(config.meta_data, "meta_data", config)
-            trainer = build_meta_step(config, state, class_margins, global_batch, meta_info,
-                                      strategy.num_replicas_in_sync)
-        else:
-            trainer = MarginStep(state.backbone, state.head, state.optimizer, class_margins, global_batch)
-    checkpoint = state.checkpoint()
-    checkpoint_dir = posixpath.join(config.model_dir, "checkpoints", stage)
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.keep_checkpoints)
+        meta_info = check_data(config.meta_data, "meta_data", config)
+        step = build_meta_step(config, state, class_margins, config.batch_size, meta_info,
+                               strategy.num_replicas_in_sync)
+        return state, step, meta_info
+
+
+def restore(state: StageState, manager: tf.train.CheckpointManager, init_checkpoint: str, stage: str) -> None:
+    """Resumes from the stage's own last checkpoint, or starts from --init_checkpoint's backbone and head."""
     if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        state.checkpoint().restore(manager.latest_checkpoint).assert_existing_objects_matched()
         logging.info("[%s] resumed from %s at step %d", stage, manager.latest_checkpoint, int(state.step))
     elif init_checkpoint:
         # Backbone and identity classifier only, as seed Sec. C keeps them; optimizer and step start anew.
@@ -209,43 +203,64 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
             _latest(init_checkpoint)).expect_partial()
         logging.info("[%s] initialised backbone and identity head from %s", stage, init_checkpoint)
 
+
+class CompiledSteps:
+    """One tf.function per replica callable (the meta stage has two: warm-up and meta step)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy) -> None:
+        self.strategy, self.functions = strategy, {}
+
+    def __call__(self, replica_fn, iterator, meta_iterator) -> dict[str, tf.Tensor]:
+        if replica_fn not in self.functions:
+            self.functions[replica_fn] = self._compile(replica_fn)
+        return self.functions[replica_fn](iterator, meta_iterator)
+
+    def _compile(self, replica_fn):
+        strategy = self.strategy
+
+        @tf.function(autograph=False)  # no Python control flow to convert: the branch below is static
+        def run(iterator, meta_iterator):
+            batch = next(iterator)
+            meta_batch = next(meta_iterator) if meta_iterator is not None else None
+            per_replica = strategy.run(replica_fn, args=(batch, meta_batch))
+            return {key: strategy.gather(value, axis=0) if key.startswith(VALUES)
+                    else strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                    for key, value in per_replica.items()}
+
+        return run
+
+
+def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str,
+              is_chief: bool = True) -> StageState:
+    """Trains one stage to its last step (resuming from its own checkpoints) and returns its state."""
+    info = check_data(config.train_data, "train_data", config)
+    steps_per_epoch = info.num_images // config.batch_size
+    total_steps = config.schedule(stage).epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    state, trainer, meta_info = build_stage(config, stage, strategy, info, steps_per_epoch)
+    manager = tf.train.CheckpointManager(state.checkpoint(), posixpath.join(config.model_dir, "checkpoints", stage),
+                                         max_to_keep=config.keep_checkpoints)
+    restore(state, manager, init_checkpoint, stage)
     writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage)) if is_chief else None
     failures = DecodeFailures()
-
-    compiled = {}
-
-    def train_step(replica_fn, iterator, meta_iterator):
-        if replica_fn not in compiled:
-            @tf.function(autograph=False)  # no Python control flow to convert: the branch below is static
-            def run(iterator, meta_iterator):
-                batch = next(iterator)
-                meta_batch = next(meta_iterator) if meta_iterator is not None else None
-                per_replica = strategy.run(replica_fn, args=(batch, meta_batch))
-                return {key: strategy.gather(value, axis=0) if key.startswith(VALUES)
-                        else strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                        for key, value in per_replica.items()}
-            compiled[replica_fn] = run
-        return compiled[replica_fn](iterator, meta_iterator)
-
+    train_step = CompiledSteps(strategy)
     step = int(state.step.numpy())
-    progress = Progress(stage, total_steps, step, writer, getattr(trainer, "summaries", None))
+    progress = Progress(stage, total_steps, step, writer, trainer.summaries)
     logging.info("[%s] %d images, %d identities, %d steps/epoch, training steps %d to %d, %d replica(s)",
                  stage, info.num_images, info.num_identities, steps_per_epoch, step, total_steps,
                  strategy.num_replicas_in_sync)
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        iterator = distributed_batches(strategy, config.train_data, info, config, global_batch, epoch, offset,
-                                        failures, config.seed)
+        iterator = distributed_batches(strategy, config.train_data, info, config, config.batch_size, epoch, offset,
+                                       failures, config.seed)
         meta_iterator = None
         if meta_info is not None:
-            meta_batch = config.meta_batch_size * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
-            meta_iterator = distributed_batches(strategy, config.meta_data, meta_info, config, meta_batch, epoch,
-                                                 offset, failures, config.seed + 1)
-        for _ in range(offset, steps_per_epoch):
-            if step >= total_steps:
-                break
-            replica_fn = trainer.for_step(step) if hasattr(trainer, "for_step") else trainer
-            progress.add(train_step(replica_fn, iterator, meta_iterator))
+            pool = config.meta_batch_size * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
+            meta_iterator = distributed_batches(strategy, config.meta_data, meta_info, config, pool, epoch, offset,
+                                                failures, config.seed + 1)
+        for _ in range(offset, min(steps_per_epoch, offset + total_steps - step)):
+            progress.add(train_step(trainer.for_step(step), iterator, meta_iterator))
             step += 1
             state.step.assign(step)
             state.epoch.assign(step // steps_per_epoch)

@@ -58,6 +58,14 @@ class MarginStep:
         self.optimizer.apply_gradients(zip(gradients, self.variables))
         assign_statistics(self.backbone, statistics)
 
+    def for_step(self, step: int) -> "MarginStep":
+        """The callable to run at a global step (every step is the same here)."""
+        return self
+
+    def summaries(self, sums: dict) -> dict[str, float]:
+        """Scalars of this step beyond the loop's own (none)."""
+        return {}
+
     def __call__(self, batch: dict[str, tf.Tensor], meta_batch=None) -> dict[str, tf.Tensor]:
         labels = batch["identity"]
         margins = self.margins(labels)
