@@ -23,7 +23,8 @@ from mvcom_tf.steps import MarginStep
 
 METRICS_FILE = "metrics.json"
 # Step metrics are per-replica sums, added over replicas; those named VALUES + name are
-# per-sample values, gathered over replicas (histograms in TensorBoard).
+# per-sample values, gathered over replicas (histograms in TensorBoard, except figure/ ones,
+# which only feed the step object's figures).
 VALUES = "values/"
 
 
@@ -97,9 +98,10 @@ def stage_margins(config: TrainConfig, stage: str, info: DatasetInfo) -> np.ndar
 class Progress:
     """The periodic progress line (step, loss, lr, images/s, ETA) and its TensorBoard scalars."""
 
-    def __init__(self, stage: str, total_steps: int, first_step: int, writer, summaries) -> None:
+    def __init__(self, stage: str, total_steps: int, first_step: int, writer, step_object) -> None:
         self.stage, self.total_steps, self.writer = stage, total_steps, writer
-        self.summaries = summaries  # the step's own scalars from the summed metrics
+        self.summaries = step_object.summaries  # the step's own scalars from the summed metrics
+        self.figures = step_object.figures  # and its pictures from the latest per-sample values
         self.sums: dict[str, np.ndarray] = {}
         self.totals: dict[str, np.ndarray] = {}  # over the whole stage (since this process started it)
         self.latest: dict[str, np.ndarray] = {}
@@ -144,8 +146,11 @@ class Progress:
             with self.writer.as_default(step=step):
                 for name, value in scalars.items():
                     tf.summary.scalar(name, value)
+                for name, picture in self.figures(self.latest).items():
+                    tf.summary.image(name, picture[None])
                 for name, values in self.latest.items():
-                    tf.summary.histogram(name, values)
+                    if not name.startswith("figure/"):
+                        tf.summary.histogram(name, values)
         self.sums, self.latest = {}, {}
         self.since_step, self.since_time = step, time.perf_counter()
 
@@ -246,7 +251,7 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
     failures = DecodeFailures()
     train_step = CompiledSteps(strategy)
     step = int(state.step.numpy())
-    progress = Progress(stage, total_steps, step, writer, trainer.summaries)
+    progress = Progress(stage, total_steps, step, writer, trainer)
     logging.info("[%s] %d images, %d identities, %d steps/epoch, training steps %d to %d, %d replica(s)",
                  stage, info.num_images, info.num_identities, steps_per_epoch, step, total_steps,
                  strategy.num_replicas_in_sync)

@@ -66,6 +66,10 @@ class MarginStep:
         """Scalars of this step beyond the loop's own (none)."""
         return {}
 
+    def figures(self, latest: dict) -> dict:
+        """Pictures for TensorBoard (none)."""
+        return {}
+
     def __call__(self, batch: dict[str, tf.Tensor], meta_batch=None) -> dict[str, tf.Tensor]:
         labels = batch["identity"]
         margins = self.margins(labels)

@@ -53,7 +53,7 @@ def test_demo_learns_and_writes_the_run_folder(demo_run):
             "eval/pose/6"} <= scalar_tags(run_dir / "tensorboard" / "pretrain")
     meta_tags = scalar_tags(run_dir / "tensorboard" / "meta")
     assert {"margin/pose/6", "margin/ethnicity/0", "variation/blur/accuracy", "variation/occlusion/loss",
-            "residual/pose/std", "residual/blur", "margin/final"} <= meta_tags
+            "residual/pose/std", "residual/blur", "margin/final", "margins/faces"} <= meta_tags
     assert "images/s" in result.stderr and "ETA" in result.stderr
 
 
@@ -68,4 +68,5 @@ def test_learned_residuals_are_larger_for_tail_classes(demo_run):
                  if c != schema.HEAD_CLASS[factor] and f"margin/{factor}/{c}" in training]
         gaps[factor] = float(np.mean(tails) - head)
     print("mean tail residual minus head residual:", gaps)
-    assert max(gaps.values()) > 0, gaps
+    # Clearest on the demo (README): blur, where the mean residual grows with the blur level.
+    assert gaps["blur"] > 0, gaps

@@ -24,12 +24,16 @@ from mvcom_tf.config import TrainConfig
 from mvcom_tf.data import schema
 from mvcom_tf.data.tfrecord import DatasetInfo
 from mvcom_tf.losses.margins import identity_loss, variation_losses
+from mvcom_tf.meta.figure import margin_figure
 from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.models.heads import VariationHeads
 from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX
 from mvcom_tf.steps import MarginStep, assign_statistics, batch_metrics
 
 META_SCOPES = ("all", "head")
+# Faces of each replica's batch drawn with their residuals (the seed's Fig. 6) in TensorBoard.
+FIGURE_FACES = 4
+FIGURE_IMAGES = "figure/images"
 
 
 class MetaStep:
@@ -156,6 +160,7 @@ class MetaStep:
         metrics.update(residual_sums(residuals, batch))
         metrics["values/margin/final"] = margins
         metrics.update({f"values/residual/{factor}": residuals[:, k] for k, factor in enumerate(schema.FACTORS)})
+        metrics[f"values/{FIGURE_IMAGES}"] = batch["image"][:FIGURE_FACES]
         return metrics
 
     def warmup(self, batch: dict[str, tf.Tensor], pool: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -168,6 +173,17 @@ class MetaStep:
     def for_step(self, step: int):
         """The callable to run at a global step: warm-up first, then the meta step."""
         return self.warmup if step < self.warmup_steps else self
+
+    def figures(self, latest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Pictures for TensorBoard from the latest per-sample values: the seed's Fig. 6."""
+        if FIGURE_IMAGES not in latest:
+            return {}
+        images = latest[FIGURE_IMAGES]
+        # Gathered over replicas: replica r's faces are rows r * FIGURE_FACES onwards, and its
+        # samples start at r * (B / replicas) in the residuals; the first replica's suffice.
+        faces = images[:FIGURE_FACES]
+        residuals = {factor: latest[f"residual/{factor}"][:len(faces)] for factor in schema.FACTORS}
+        return {"margins/faces": margin_figure(faces, residuals, latest["margin/final"][:len(faces)])}
 
     def summaries(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
         """TensorBoard scalars from summed metrics: variation losses and accuracies, mean residual per class."""
