@@ -13,9 +13,9 @@ class MarginStep:
     """One SGD step on the identity margin loss with per-sample margins, run per replica.
 
     `class_margins[y]` is each identity's margin (constant for CosFace pre-training, the
-    class-aware prior in the meta stage); `extra_margins` adds per-sample residuals.
-    Losses are summed and divided by the global batch, so that the gradients that
-    MirroredStrategy sums over replicas are those of the global mean.
+    class-aware prior in the meta stage, which adds its residuals and reuses `forward`,
+    `apply` and the head). Losses are summed and divided by the global batch, so that the
+    gradients that MirroredStrategy sums over replicas are those of the global mean.
     """
 
     def __init__(self, backbone: keras.Model, head: MarginHead, optimizer: keras.optimizers.Optimizer,
@@ -29,13 +29,15 @@ class MarginStep:
         return self.backbone.trainable_variables + self.head.trainable_variables
 
     def margins(self, labels: tf.Tensor) -> tf.Tensor:
+        """Each sample's margin from its identity."""
         return tf.gather(self.class_margins, labels)
 
     def forward(self, images, trainable_values=None):
         """Embeddings at the current (or given) trainable values, and the BatchNorm statistics they produce.
 
-        `stateless_call` keeps the moving statistics out of the forward pass: the step assigns
-        them after the gradient all-reduce, so every replica runs its collectives in one order.
+        `stateless_call` keeps the moving statistics out of the forward pass: the step stores
+        them once the update is done (`assign_statistics`), and the meta stage's pseudo-updated
+        passes simply drop theirs.
         """
         if trainable_values is None:
             trainable_values = [v.value for v in self.backbone.trainable_variables]
