@@ -89,7 +89,8 @@ def residuals_under(strategy, meta_step, batch, meta):
     @tf.function
     def run(b, m):
         def fn(b, m):
-            return meta_step.residuals(b, m, meta_step.margin_step.margins(b["identity"]))[0]
+            prior = meta_step.margin_step.margins(b["identity"])
+            return meta_step.residuals(b, m, prior, meta_step.meta_features(m))[0]
         return strategy.run(fn, args=(b, m))
 
     return np.concatenate([r.numpy() for r in strategy.experimental_local_results(run(local_batch, local_meta))])

@@ -16,6 +16,8 @@ with the whole batch would, and the meta-gradient flows back through that all-re
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -51,8 +53,14 @@ class MetaStep:
         self.sampling, self.meta_batch, self.global_meta_batch = sampling, meta_batch, global_meta_batch
         self.warmup_steps = warmup_steps
         backbone = margin_step.backbone
+        self.scope = scope
         self.pseudo_mask = [scope == "all" or v.path.startswith(OUTPUT_BLOCK_PREFIX)
                             for v in backbone.trainable_variables]
+        if scope == "head":
+            # The pseudo-update leaves the trunk as it is, so the meta batch goes through the
+            # trunk once, and through the output block at the pseudo and at the current weights.
+            self.output_layers = [layer for layer in backbone.layers if layer.name.startswith(OUTPUT_BLOCK_PREFIX)]
+            self.trunk = keras.Model(backbone.inputs, self.output_layers[0].input)
 
     # ------------------------------------------------------------------ pieces
 
@@ -69,11 +77,31 @@ class MetaStep:
         per_sample = variation_losses(logits, labels)
         return {f: tf.reduce_sum(loss) / self.global_meta_batch for f, loss in per_sample.items()}, logits
 
+    def output_block(self, features, weights: dict):
+        """The output block on trunk features, at the given weights (by variable path); statistics dropped."""
+        for layer in self.output_layers:
+            trainable = [weights[v.path] for v in layer.trainable_variables]
+            non_trainable = [v.value for v in layer.non_trainable_variables]
+            # stateless_call hands keyword arguments to `call` as they are: Flatten takes no `training`.
+            mode = {"training": True} if "training" in inspect.signature(layer.call).parameters else {}
+            features, _ = layer.stateless_call(trainable, non_trainable, features, **mode)
+        return features
+
+    def meta_features(self, meta):
+        """What the meta batch needs before the pseudo-update: its trunk features (scope `head` only)."""
+        if self.scope != "head":
+            return None
+        trunk = self.trunk
+        features, _ = trunk.stateless_call([v.value for v in trunk.trainable_variables],
+                                           [v.value for v in trunk.non_trainable_variables], meta["image"],
+                                           training=True)
+        return tf.stop_gradient(features)
+
     def meta_batch_of(self, batch, pool):
         labels = {factor: batch[factor] for factor in schema.FACTORS}
         return select_meta_batch(pool, labels, self.meta_batch, self.sampling)
 
-    def residuals(self, batch, meta, prior):
+    def residuals(self, batch, meta, prior, trunk_features=None):
         """Steps (a)-(c): r [B, factors], plus the recorded pieces the real update replays."""
         step = self.margin_step
         images, labels = batch["image"], batch["identity"]
@@ -97,7 +125,11 @@ class MetaStep:
             eta = self.eta()
             updated = iter([w - eta * g for w, g in zip(pseudo_sources, gradients)])
             pseudo = [next(updated) if m else w for w, m in zip(weights, self.pseudo_mask)]
-            meta_embeddings, _ = step.forward(meta["image"], pseudo)
+            if trunk_features is None:
+                meta_embeddings, _ = step.forward(meta["image"], pseudo)
+            else:
+                paths = [v.path for v in step.backbone.trainable_variables]
+                meta_embeddings = self.output_block(trunk_features, dict(zip(paths, pseudo)))
             losses, _ = self.variation_loss_sums(meta_embeddings, meta_labels)
         columns = []
         for factor in schema.FACTORS:
@@ -126,10 +158,13 @@ class MetaStep:
         step.apply(backbone_gradients + head_gradients, statistics)
         return per_sample, logits
 
-    def heads_update(self, meta) -> dict[str, tf.Tensor]:
+    def heads_update(self, meta, trunk_features=None) -> dict[str, tf.Tensor]:
         """Step (e): the variation heads on V at the current weights (features stop-gradient)."""
         step = self.margin_step
-        embeddings, _ = step.forward(meta["image"])
+        if trunk_features is None:
+            embeddings, _ = step.forward(meta["image"])
+        else:
+            embeddings = self.output_block(trunk_features, {v.path: v.value for v in step.backbone.trainable_variables})
         embeddings = tf.stop_gradient(embeddings)
         labels = {factor: meta[factor] for factor in schema.FACTORS}
         with tf.GradientTape() as tape:
@@ -152,11 +187,12 @@ class MetaStep:
         """One MvCoM iteration (a)-(e)."""
         prior = self.margin_step.margins(batch["identity"])
         meta = self.meta_batch_of(batch, pool)
-        residuals, recorded = self.residuals(batch, meta, prior)
+        trunk_features = self.meta_features(meta)
+        residuals, recorded = self.residuals(batch, meta, prior, trunk_features)
         margins = prior + tf.reduce_sum(residuals, axis=1)
         per_sample, logits = self.real_update(batch, margins, recorded)
         metrics = batch_metrics(per_sample, logits, batch["identity"], margins)
-        metrics.update(self.heads_update(meta))
+        metrics.update(self.heads_update(meta, trunk_features))
         metrics.update(residual_sums(residuals, batch))
         metrics["values/margin/final"] = margins
         metrics.update({f"values/residual/{factor}": residuals[:, k] for k, factor in enumerate(schema.FACTORS)})
@@ -167,7 +203,7 @@ class MetaStep:
         """A heads-only step: the variation heads learn, the backbone and identity head stay."""
         meta = self.meta_batch_of(batch, pool)
         metrics = {"images": tf.cast(tf.size(batch["identity"]), tf.float32)}
-        metrics.update(self.heads_update(meta))
+        metrics.update(self.heads_update(meta, self.meta_features(meta)))
         return metrics
 
     def for_step(self, step: int):
