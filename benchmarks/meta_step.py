@@ -38,8 +38,8 @@ def main(argv):
     plain = rows["plain"]["seconds"]
     print(f"{FLAGS.backbone} {FLAGS.image_size}x{FLAGS.image_size}, |T| = {FLAGS.batch}, float32, "
           f"median of {FLAGS.repeats} steps")
-    print(f"| step | |V| | s/iteration | x plain | peak MB |")
-    print(f"|---|---|---|---|---|")
+    print("| step | |V| | s/iteration | x plain | peak MB |")
+    print("|---|---|---|---|---|")
     for name, row in rows.items():
         meta_batch = FLAGS.batch // 2 if name.endswith("half_v") else (FLAGS.batch if name != "plain" else 0)
         print(f"| {name} | {meta_batch or '-'} | {row['seconds']:.3f} | {row['seconds'] / plain:.2f} | "

@@ -28,8 +28,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     summary = {}
-    print(f"| backbone | image | batch | s/step | images/s | peak MB |")
-    print(f"|---|---|---|---|---|---|")
+    print("| backbone | image | batch | s/step | images/s | peak MB |")
+    print("|---|---|---|---|---|---|")
     for backbone in FLAGS.backbones:
         row = run_isolated(kind="plain", backbone=backbone, image_size=FLAGS.image_size, batch=FLAGS.batch,
                            meta_batch=FLAGS.batch, repeats=FLAGS.repeats)

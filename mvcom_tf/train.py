@@ -151,7 +151,9 @@ def _configure_devices(config: TrainConfig) -> None:
 
 
 def _make_demo_data_if_missing(config: TrainConfig) -> None:
-    needed = {config.train_data, config.meta_data, config.eval_data} & {f"{DEMO_DATA}/{s}" for s in ("train", "meta", "test")}
+    """Renders the demo's synthetic splits when a data flag names one of them and it is missing."""
+    demo_folders = {f"{DEMO_DATA}/{split}" for split in ("train", "meta", "test")}
+    needed = {config.train_data, config.meta_data, config.eval_data} & demo_folders
     if not needed or all(os.path.exists(posixpath.join(path, "dataset.json")) for path in needed):
         return
     from mvcom_tf.data import synthetic

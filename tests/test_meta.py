@@ -26,7 +26,9 @@ def make_batches(seed=0):
         labels = rng.integers(0, schema.NUM_CLASSES[factor], META)
         labels[rng.random(META) < 0.3] = -1  # unknown labels mixed in
         meta[factor] = labels
-    cast = lambda d: {k: tf.constant(v, keras.config.floatx() if k == "image" else tf.int32) for k, v in d.items()}
+    def cast(data):
+        return {k: tf.constant(v, keras.config.floatx() if k == "image" else tf.int32) for k, v in data.items()}
+
     return cast(batch), cast(meta)
 
 
@@ -69,8 +71,8 @@ def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=
         prior = tf.constant(np.linspace(0.25, 0.45, NUM_IDS), keras.config.floatx())
         margin_step = MarginStep(backbone, head, optimizer, prior, BATCH)
         meta_step = MetaStep(margin_step, heads, heads_optimizer, tau=tau, inner_lr=ETA, residual_max=1e9,
-                             scope=scope, factor_weights=weights, sampling="random", meta_batch=META // strategy.num_replicas_in_sync,
-                             global_meta_batch=META)
+                             scope=scope, factor_weights=weights, sampling="random",
+                             meta_batch=META // strategy.num_replicas_in_sync, global_meta_batch=META)
     return meta_step
 
 

@@ -30,7 +30,7 @@ from mvcom_tf.meta.figure import margin_figure
 from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.models.heads import VariationHeads
 from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX
-from mvcom_tf.steps import MarginStep, assign_statistics, batch_metrics
+from mvcom_tf.steps import MarginStep, batch_metrics
 
 META_SCOPES = ("all", "head")
 # Faces of each replica's batch drawn with their residuals (the seed's Fig. 6) in TensorBoard.
