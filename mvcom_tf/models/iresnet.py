@@ -23,10 +23,9 @@ OUTPUT_BLOCK_PREFIX = "output_"
 class SyncBatchNormalization(layers.BatchNormalization):
     """BatchNormalization whose batch statistics are those of the global batch across replicas.
 
-    Keras' `synchronized=True` computes the variance as E[x^2] - E[x]^2, which loses most of
-    its digits where a channel's mean is large against its spread (common after residual
-    additions); this layer all-reduces the sum first, then the squared deviations from the
-    global mean, so its gradients match single-device training to float precision.
+    Keras' `synchronized=True` computes the variance as E[x^2] - E[x]^2, which cancels where a
+    channel's mean is large against its spread (common after residual additions); this layer
+    all-reduces the sum, then the squared deviations from the global mean (two passes).
     """
 
     def _moments(self, inputs, mask):
