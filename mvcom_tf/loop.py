@@ -142,15 +142,14 @@ class Progress:
         else:
             logging.info("[%s] step %d/%d epoch %d warm-up of the variation heads, images/s %.1f ETA %s",
                          self.stage, step, self.total_steps, epoch + 1, scalars["images_per_s"], eta)
-        if self.writer:
-            with self.writer.as_default(step=step):
-                for name, value in scalars.items():
-                    tf.summary.scalar(name, value)
-                for name, picture in self.figures(self.latest).items():
-                    tf.summary.image(name, picture[None])
-                for name, values in self.latest.items():
-                    if not name.startswith("figure/"):
-                        tf.summary.histogram(name, values)
+        with self.writer.as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+            for name, picture in self.figures(self.latest).items():
+                tf.summary.image(name, picture[None])
+            for name, values in self.latest.items():
+                if not name.startswith("figure/"):
+                    tf.summary.histogram(name, values)
         self.sums, self.latest = {}, {}
         self.since_step, self.since_time = step, time.perf_counter()
 
@@ -235,8 +234,7 @@ class CompiledSteps:
         return run
 
 
-def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str,
-              is_chief: bool = True) -> StageState:
+def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str) -> StageState:
     """Trains one stage to its last step (resuming from its own checkpoints) and returns its state."""
     info = check_data(config.train_data, "train_data", config)
     steps_per_epoch = info.num_images // config.batch_size
@@ -247,7 +245,7 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
     manager = tf.train.CheckpointManager(state.checkpoint(), posixpath.join(config.model_dir, "checkpoints", stage),
                                          max_to_keep=config.keep_checkpoints)
     restore(state, manager, init_checkpoint, stage)
-    writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage)) if is_chief else None
+    writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage))
     failures = DecodeFailures()
     train_step = CompiledSteps(strategy)
     step = int(state.step.numpy())
@@ -277,8 +275,7 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
                 manager.save(checkpoint_number=step)
     if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
         manager.save(checkpoint_number=step)
-    if writer:
-        writer.flush()
+    writer.flush()
     state.summary = progress.stage_summary()
     return state
 

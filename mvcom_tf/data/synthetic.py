@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import schema
-from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, SplitWriter, read_info
+from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, SplitWriter, read_info, write_text
 
 SPLITS = ("train", "meta", "test")
 # Splits draw identities from disjoint ranges of the global identity index.
@@ -364,13 +363,6 @@ def _render(split: str, config: SplitConfig, planned: _Planned, identities: dict
         source=f"synthetic:seed{config.seed}:{split}:id{planned.global_id:08d}:img{planned.index:03d}")
 
 
-def generate_records(split: str, config: SplitConfig) -> Iterator[schema.FaceRecord]:
-    """Yields a split's records in storage order."""
-    identities: dict[int, Identity] = {}
-    for planned in _plan(split, config):
-        yield _render(split, config, planned, identities)
-
-
 def write_split(out_dir: str, split: str, config: SplitConfig, num_shards: int = 4,
                 progress=None) -> DatasetInfo:
     """Renders a split into a dataset folder (shards, dataset.json, and pairs.csv for `test`)."""
@@ -401,10 +393,7 @@ def write_split(out_dir: str, split: str, config: SplitConfig, num_shards: int =
 def _write_pairs(path: str, pairs) -> None:
     lines = ["index_a,index_b,same," + ",".join(schema.FACTORS)]
     lines += [f"{a},{b},{same}," + ",".join(str(labels[f]) for f in schema.FACTORS) for a, b, same, labels in pairs]
-    temporary = path + ".incomplete"
-    with tf.io.gfile.GFile(temporary, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 

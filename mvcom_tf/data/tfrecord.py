@@ -167,13 +167,17 @@ class SplitWriter:
         return info
 
 
-def write_json(path: str, data: Any) -> None:
-    """Writes JSON through tf.io.gfile, atomically (temporary name, then rename)."""
+def write_text(path: str, text: str) -> None:
+    """Writes a text file through tf.io.gfile, atomically (temporary name, then rename)."""
     temporary = path + ".incomplete"
     with tf.io.gfile.GFile(temporary, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Writes JSON atomically."""
+    write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def iterate_records(data_dir: str) -> Iterator[schema.FaceRecord]:

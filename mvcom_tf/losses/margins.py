@@ -40,6 +40,3 @@ def variation_losses(logits: dict[str, tf.Tensor], labels: dict[str, tf.Tensor])
         losses[factor] = tf.where(known, loss, tf.zeros_like(loss))
     return losses
 
-
-def known_mask(labels: dict[str, tf.Tensor], factor: str) -> tf.Tensor:
-    return tf.cast(labels[factor] >= 0, tf.float32)
