@@ -26,6 +26,8 @@ class TrainConfig:
     eval_data: str
     image_size: int
     shuffle_buffer: int
+    synth_blur_prob: float
+    synth_occlusion_prob: float
     # Model.
     backbone: str
     width_multiplier: float

@@ -12,7 +12,9 @@ import tensorflow as tf
 from absl import logging
 
 from mvcom_tf.config import Schedule, TrainConfig
+from mvcom_tf.data import figures
 from mvcom_tf.data.pipeline import DecodeFailures, train_dataset
+from mvcom_tf.data.synthesis import VariationSynthesis
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, read_info, write_json
 from mvcom_tf.evaluation.verification import evaluate_pairs
 from mvcom_tf.export import embedding_fn, export_saved_model
@@ -162,7 +164,10 @@ def distributed_batches(strategy, data_dir: str, info: DatasetInfo, config: Trai
             data_dir, info, batch_size=context.get_per_replica_batch_size(global_batch),
             image_size=config.image_size, seed=seed, epoch=epoch,
             skip_records=skip_steps * global_batch // context.num_input_pipelines,
-            input_context=context, failures=failures, shuffle_buffer=config.shuffle_buffer)
+            input_context=context, failures=failures, shuffle_buffer=config.shuffle_buffer,
+            augment=synthesis if synthesis.active else None)
+
+    synthesis = VariationSynthesis(config.synth_blur_prob, config.synth_occlusion_prob)
 
     return iter(strategy.distribute_datasets_from_function(dataset_fn))
 
@@ -246,6 +251,8 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
                                          max_to_keep=config.keep_checkpoints)
     restore(state, manager, init_checkpoint, stage)
     writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage))
+    if int(state.step.numpy()) == 0:
+        _log_distributions(writer, {"train_data": info, "meta_data": meta_info})
     failures = DecodeFailures()
     train_step = CompiledSteps(strategy)
     step = int(state.step.numpy())
@@ -278,6 +285,15 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
     writer.flush()
     state.summary = progress.stage_summary()
     return state
+
+
+def _log_distributions(writer, infos: dict[str, DatasetInfo | None]) -> None:
+    """The datasets' Figs. 3-5 in TensorBoard, once per stage (at its first step)."""
+    with writer.as_default():
+        for flag, info in infos.items():
+            if info is not None:
+                figure = figures.distribution_figure(info, f"--{flag} ({info.split})")
+                tf.summary.image(f"data/{flag}", figures.to_rgb(figure)[None], step=0)
 
 
 def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:

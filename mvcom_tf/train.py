@@ -28,6 +28,11 @@ flags.DEFINE_string("eval_data", f"{DEMO_DATA}/test", "Verification split evalua
 flags.DEFINE_integer("image_size", 32, "Input size in pixels (square, divisible by 16); 112 for the paper.",
                      lower_bound=16)
 flags.DEFINE_integer("shuffle_buffer", 20_000, "Records in the shuffle buffer.", lower_bound=1)
+flags.DEFINE_float("synth_blur_prob", 0.0, "Probability of blurring a training or meta image (Gaussian, blur "
+                   "class 1-3 uniformly); its blur label becomes the class applied.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("synth_occlusion_prob", 0.0, "Probability of occluding a training or meta image (occluder "
+                   "type 1-4 uniformly); its occlusion label becomes the type applied.", lower_bound=0.0,
+                   upper_bound=1.0)
 # Model.
 flags.DEFINE_enum("backbone", "iresnet18", ["iresnet18", "iresnet34", "iresnet50", "iresnet100"], "Embedding network.")
 flags.DEFINE_float("width_multiplier", 0.25, "Multiplies the stage widths 64-128-256-512 (1.0 for the paper).",

@@ -50,9 +50,9 @@ def test_demo_learns_and_writes_the_run_folder(demo_run):
     assert (run_dir / "export" / "saved_model.pb").exists()
     assert "--backbone=iresnet18" in (run_dir / "flags.txt").read_text()
     assert {"loss", "lr", "accuracy", "images_per_s", "steps_per_s", "margin/mean", "eval/accuracy",
-            "eval/pose/6"} <= scalar_tags(run_dir / "tensorboard" / "pretrain")
+            "eval/pose/6", "data/train_data"} <= scalar_tags(run_dir / "tensorboard" / "pretrain")
     meta_tags = scalar_tags(run_dir / "tensorboard" / "meta")
-    assert {"margin/pose/6", "margin/ethnicity/0", "variation/blur/accuracy", "variation/occlusion/loss",
+    assert {"data/train_data", "data/meta_data", "margin/pose/6", "margin/ethnicity/0", "variation/blur/accuracy", "variation/occlusion/loss",
             "residual/pose/std", "residual/blur", "margin/final", "margins/faces"} <= meta_tags
     assert "images/s" in result.stderr and "ETA" in result.stderr
 

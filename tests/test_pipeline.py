@@ -3,6 +3,7 @@ import tensorflow as tf
 
 from mvcom_tf.data import schema
 from mvcom_tf.data.pipeline import DecodeFailures, eval_dataset, looks_complete, normalize_images, train_dataset
+from mvcom_tf.data.synthesis import VariationSynthesis
 from mvcom_tf.data.tfrecord import SplitWriter, read_info
 
 
@@ -57,14 +58,22 @@ def test_resumed_epoch_continues_the_same_order(tmp_path):
 
     def batches(skip_records):
         dataset = train_dataset(str(tmp_path), info, batch_size=4, image_size=8, seed=7, epoch=2,
-                                skip_records=skip_records, shuffle_buffer=40)
-        return [(b["identity"].numpy().tolist(), b["image"].numpy()) for b in dataset.take(10 - skip_records // 4)]
+                                skip_records=skip_records, shuffle_buffer=40,
+                                augment=VariationSynthesis(blur_prob=0.5, occlusion_prob=0.5))
+        return [(b["identity"].numpy().tolist(), b["image"].numpy(), b["blur"].numpy(), b["occlusion"].numpy())
+                for b in dataset.take(10 - skip_records // 4)]
 
     whole, resumed = batches(0), batches(12)
-    assert [ids for ids, _ in resumed] == [ids for ids, _ in whole[3:]]
-    for (_, a), (_, b) in zip(resumed, whole[3:]):
-        np.testing.assert_array_equal(a, b)  # same flips too
-    assert sorted(sum((ids for ids, _ in whole), [])) == list(range(40))
+    assert [batch[0] for batch in resumed] == [batch[0] for batch in whole[3:]]
+    for a, b in zip(resumed, whole[3:]):
+        for array_a, array_b in zip(a[1:], b[1:]):
+            np.testing.assert_array_equal(array_a, array_b)  # same flips, blurs and occluders too
+    assert sorted(sum((batch[0] for batch in whole), [])) == list(range(40))
+    blur = np.concatenate([batch[2] for batch in whole])
+    occlusion = np.concatenate([batch[3] for batch in whole])
+    # Records without labels keep -1 unless a variation was applied.
+    assert 0 < np.sum(blur > 0) < 40 and 0 < np.sum(occlusion > 0) < 40
+    assert set(blur) <= {-1, 1, 2, 3} and set(occlusion) <= {-1, 1, 2, 3, 4}
 
 
 def test_eval_dataset_keeps_stored_order(tiny_data):

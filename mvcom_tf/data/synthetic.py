@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import schema
+from mvcom_tf.data.synthesis import BLUR_SIGMA_AT_64
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, SplitWriter, read_info, write_text
 
 SPLITS = ("train", "meta", "test")
@@ -40,8 +41,6 @@ GROUP_CUE_SPREAD = np.array([
     [0.6, 1.1, 0.6, 1.2, 0.6, 0.6, 0.8, 1.3],   # Indian
 ])
 GROUP_SKIN = np.array([[105, 70, 50], [215, 180, 145], [225, 185, 160], [170, 120, 85]], np.float64)
-# Blur sigma in pixels at 64 px for blur classes 0-3 (scaled with the image size).
-BLUR_SIGMA_64 = (0.0, 1.1, 2.0, 3.2)
 # Yaw ranges (degrees) sampled for each pose class.
 POSE_YAW_RANGE = ((-80, -60), (-60, -35), (-35, -15), (-15, 15), (15, 35), (35, 60), (60, 80))
 NUM_FRECKLES = 7
@@ -221,7 +220,7 @@ def render_face(identity: Identity, yaw: float, occlusion: int, blur: int, size:
         canvas.shade(away * face, 1.0 - 0.45 * abs(sin_t))
 
     _occlude(canvas, occlusion, p, at, face_w, rng)
-    image = _gaussian_blur(canvas.image, BLUR_SIGMA_64[blur] * size / 64.0)
+    image = _gaussian_blur(canvas.image, BLUR_SIGMA_AT_64[blur] * size / 64.0)
     image = image + rng.normal(0.0, 3.0, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 

@@ -97,6 +97,18 @@ class LabelCounter:
         for factor in schema.FACTORS:
             self.classes[factor].update(other.classes[factor])
 
+    def to_json(self) -> dict[str, Any]:
+        return {"identities": {str(k): v for k, v in self.identities.items()},
+                "classes": {f: {str(k): v for k, v in c.items()} for f, c in self.classes.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LabelCounter":
+        counter = cls()
+        counter.identities.update({int(k): v for k, v in data["identities"].items()})
+        for factor in schema.FACTORS:
+            counter.classes[factor].update({int(k): v for k, v in data["classes"][factor].items()})
+        return counter
+
     def histograms(self) -> dict[str, list[int]]:
         return {factor: [self.classes[factor][c] for c in range(schema.NUM_CLASSES[factor])]
                 for factor in schema.FACTORS}
@@ -142,9 +154,13 @@ class SplitWriter:
                 counter.add(record)
                 count += 1
         tf.io.gfile.rename(temporary, final, overwrite=True)
+        self.add_shard(index, count, counter)
+        return count
+
+    def add_shard(self, index: int, count: int, counter: LabelCounter) -> None:
+        """Accounts for shard `index`, written by this writer or (resumed conversions) earlier."""
         self.counter.merge(counter)
         self.shard_sizes[index] = count
-        return count
 
     def finish(self, made_by: dict[str, Any], extras: dict[str, Any] | None = None) -> DatasetInfo:
         """Writes dataset.json once every shard is complete."""

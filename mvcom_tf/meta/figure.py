@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from mvcom_tf.data import schema
+from mvcom_tf.data.figures import to_rgb
 
 
 def margin_figure(images: np.ndarray, residuals: dict[str, np.ndarray], margins: np.ndarray) -> np.ndarray:
@@ -24,10 +23,4 @@ def margin_figure(images: np.ndarray, residuals: dict[str, np.ndarray], margins:
         lines = [f"{factor[:4]} {residuals[factor][index]:+.3f}" for factor in schema.FACTORS]
         axis.set_title("\n".join([f"m {margins[index]:.3f}", *lines]), fontsize=7, family="monospace")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    pyplot.close(figure)
-    from PIL import Image
-
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
+    return to_rgb(figure)

@@ -1,0 +1,33 @@
+"""VGGFace2 as distributed -> aligned 112x112 TFRecord schema v1 with yaw, pose and blur labels.
+
+    python tools/convert_vggface2.py --root=vggface2 --out_dir=data/vggface2/meta --split=meta \
+        --labels=vggface2_labels.csv --exclude_identities=shared_with_ms1m.txt
+
+Reads `<root>/<subset>/<n000002>/<0001_01>.jpg` and `<root>/bb_landmark/loose_landmark_<subset>.csv`;
+faces without landmarks are skipped and counted. `source` in --labels is `n000002/0001_01.jpg`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from mvcom_tf.data import conversion, sources
+
+
+def main(argv) -> int:
+    del argv
+    return conversion.run_tool(lambda: sources.vggface2(flags.FLAGS.root, flags.FLAGS.subset, **sources.image_options_from_flags()),
+                               "tools/convert_vggface2.py")
+
+
+if __name__ == "__main__":
+    conversion.define_flags()
+    sources.define_image_flags()
+    flags.DEFINE_string("root", None, "VGGFace2 folder (holding train/, test/ and bb_landmark/).", required=True)
+    flags.DEFINE_enum("subset", "train", ["train", "test"], "Which of VGGFace2's subsets to convert.")
+    app.run(main)
