@@ -142,6 +142,20 @@ class MetaStep:
         del outer
         return tf.stack(columns, axis=1), (inner, weights, embeddings, statistics)
 
+    def recorded_forward(self, batch):
+        """The forward pass on T under a tape, for a real update with no residuals to learn (tau = 0)."""
+        step = self.margin_step
+        weights = [v.value for v in step.backbone.trainable_variables]
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            embeddings, statistics = step.forward(batch["image"], weights)
+        return tape, weights, embeddings, statistics
+
+    @property
+    def learns_residuals(self) -> bool:
+        """False when tau or every factor weight is 0: the residuals are then 0 and not computed."""
+        return self.tau != 0 and any(weight != 0 for weight in self.factor_weights.values())
+
     def real_update(self, batch, margins, recorded):
         """Step (d): gradients at the final margins, the backbone's by replaying the recorded backward pass."""
         step = self.margin_step
@@ -188,7 +202,11 @@ class MetaStep:
         prior = self.margin_step.margins(batch["identity"])
         meta = self.meta_batch_of(batch, pool)
         trunk_features = self.meta_features(meta)
-        residuals, recorded = self.residuals(batch, meta, prior, trunk_features)
+        if self.learns_residuals:
+            residuals, recorded = self.residuals(batch, meta, prior, trunk_features)
+        else:
+            residuals = tf.zeros([tf.shape(prior)[0], len(schema.FACTORS)], prior.dtype)
+            recorded = self.recorded_forward(batch)
         margins = prior + tf.reduce_sum(residuals, axis=1)
         per_sample, logits = self.real_update(batch, margins, recorded)
         metrics = batch_metrics(per_sample, logits, batch["identity"], margins)
