@@ -23,7 +23,7 @@ class TrainConfig:
     # Data.
     train_data: str
     meta_data: str
-    eval_data: str
+    eval_data: tuple[str, ...]
     image_size: int
     shuffle_buffer: int
     synth_blur_prob: float
@@ -76,6 +76,7 @@ class TrainConfig:
     keep_checkpoints: int
     log_every: int
     eval_batch_size: int
+    eval_every: int
     export_dir: str
 
     def schedule(self, stage: str) -> Schedule:

@@ -16,7 +16,8 @@ from mvcom_tf.data import figures
 from mvcom_tf.data.pipeline import DecodeFailures, train_dataset
 from mvcom_tf.data.synthesis import VariationSynthesis
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, read_info, write_json
-from mvcom_tf.evaluation.verification import evaluate_pairs
+from mvcom_tf.evaluation.benchmark_spec import benchmark_key, parse_benchmark
+from mvcom_tf.evaluation.protocols import run_benchmark
 from mvcom_tf.export import embedding_fn, export_saved_model
 from mvcom_tf.losses.margins import class_aware_margins
 from mvcom_tf.models.heads import MarginHead
@@ -280,6 +281,11 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
                 progress.report(step, epoch, _current_lr(state.optimizer))
             if step % config.checkpoint_every == 0 or step == total_steps:
                 manager.save(checkpoint_number=step)
+            if config.eval_data and config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                results = evaluate(config, state.backbone)
+                logging.info("[%s] step %d: %s", stage, step,
+                             "; ".join(f"{key} {_headline(result)}" for key, result in results.items()))
+                log_evaluation(writer, step, results)
     if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
         manager.save(checkpoint_number=step)
     writer.flush()
@@ -296,6 +302,12 @@ def _log_distributions(writer, infos: dict[str, DatasetInfo | None]) -> None:
                 tf.summary.image(f"data/{flag}", figures.to_rgb(figure)[None], step=0)
 
 
+def _headline(result: dict) -> str:
+    if "accuracy" in result:
+        return f"accuracy {result['accuracy']:.4f}"
+    return ", ".join(f"TAR@FAR={far} {tar:.4f}" for far, tar in result.get("tar_at_far", {}).items())
+
+
 def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
@@ -310,10 +322,33 @@ def _latest(path: str) -> str:
     return path
 
 
-def evaluate(config: TrainConfig, backbone: keras.Model) -> dict:
-    """Verification on --eval_data with the flip-fused embeddings of the backbone."""
+def evaluate(config: TrainConfig, backbone: keras.Model) -> dict[str, dict]:
+    """Every --eval_data benchmark on the flip-fused embeddings of the backbone, keyed `<kind>:<name>`."""
     embed = tf.function(embedding_fn(backbone), reduce_retracing=True)
-    return evaluate_pairs(embed, config.eval_data, config.image_size, config.eval_batch_size)
+    results = {}
+    for spec in config.eval_data:
+        kind, path = parse_benchmark(spec)
+        results[benchmark_key(kind, path)] = run_benchmark(kind, path, embed, config.image_size,
+                                                           config.eval_batch_size).result
+    return results
+
+
+def log_evaluation(writer, step: int, results: dict[str, dict]) -> None:
+    """TensorBoard scalars of an evaluation: eval/<benchmark>/accuracy and TAR@FAR, and for the first
+    benchmark `eval/accuracy` and its per-group accuracies `eval/<factor>/<group>`."""
+    with writer.as_default(step=step):
+        for index, (key, result) in enumerate(results.items()):
+            if "accuracy" in result:
+                tf.summary.scalar(f"eval/{key}/accuracy", result["accuracy"])
+            for far, tar in result.get("tar_at_far", {}).items():
+                tf.summary.scalar(f"eval/{key}/tar@far={far}", tar)
+            if index == 0:
+                if "accuracy" in result:
+                    tf.summary.scalar("eval/accuracy", result["accuracy"])
+                for factor, groups in result.get("groups", {}).items():
+                    for group, accuracy in groups.items():
+                        tf.summary.scalar(f"eval/{factor}/{group}", accuracy)
+    writer.flush()
 
 
 def single_device_copy(config: TrainConfig, backbone: keras.Model) -> keras.Model:
@@ -336,17 +371,15 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         init_checkpoint = posixpath.join(config.model_dir, "checkpoints", stage)
         metrics["stages"][stage] = {"training": state.summary}
         if config.eval_data:
-            result = evaluate(config, state.backbone)
-            metrics["stages"][stage].update(result)
-            logging.info("[%s] verification accuracy on %s: %.4f", stage, config.eval_data, result["accuracy"])
-            writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage))
-            with writer.as_default(step=int(state.step.numpy())):
-                tf.summary.scalar("eval/accuracy", result["accuracy"])
-                for factor, groups in result["groups"].items():
-                    for group, accuracy in groups.items():
-                        tf.summary.scalar(f"eval/{factor}/{group}", accuracy)
+            results = evaluate(config, state.backbone)
+            # The first benchmark's figures sit at the top level, as metrics.json has always had them.
+            metrics["stages"][stage].update({**next(iter(results.values())), "benchmarks": results})
+            for key, result in results.items():
+                logging.info("[%s] %s: %s", stage, key, _headline(result))
+            log_evaluation(tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage)),
+                           int(state.step.numpy()), results)
     final = metrics["stages"].get(config.stage[-1], {})
-    metrics.update({key: final[key] for key in ("accuracy", "accuracy_std", "groups") if key in final})
+    metrics.update({key: final[key] for key in ("accuracy", "accuracy_std", "groups", "benchmarks") if key in final})
     export_dir = config.export_dir or posixpath.join(config.model_dir, "export")
     export_saved_model(single_device_copy(config, state.backbone), export_dir, config.image_size)
     metrics["export_dir"] = export_dir

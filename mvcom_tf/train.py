@@ -16,6 +16,7 @@ import sys
 from absl import app, flags, logging
 
 from mvcom_tf.config import STAGES, TrainConfig
+from mvcom_tf.evaluation.benchmark_spec import KINDS, parse_benchmark
 
 DEMO_DATA = "data/synthetic"
 
@@ -23,8 +24,11 @@ DEMO_DATA = "data/synthetic"
 flags.DEFINE_string("train_data", f"{DEMO_DATA}/train", "Training dataset folder (TFRecord schema v1 shards + "
                     "dataset.json). The default synthetic folder is generated when missing.")
 flags.DEFINE_string("meta_data", f"{DEMO_DATA}/meta", "Meta set folder for --stage=meta (variation labels needed).")
-flags.DEFINE_string("eval_data", f"{DEMO_DATA}/test", "Verification split evaluated after each stage "
-                    "(a folder with pairs.csv); empty: no evaluation.")
+flags.DEFINE_list("eval_data", [f"{DEMO_DATA}/test"], "Benchmarks evaluated after each stage (and every "
+                  "--eval_every steps), comma-separated <kind>:<path> as in mvcom_tf.evaluate (kinds bin, pairs, "
+                  "rfw, ijb, synthetic; a bare path is a synthetic test split); empty: no evaluation.")
+flags.DEFINE_integer("eval_every", 0, "Steps between evaluations during a stage (0: only after it).",
+                     lower_bound=0)
 flags.DEFINE_integer("image_size", 32, "Input size in pixels (square, divisible by 16); 112 for the paper.",
                      lower_bound=16)
 flags.DEFINE_integer("shuffle_buffer", 20_000, "Records in the shuffle buffer.", lower_bound=1)
@@ -113,12 +117,23 @@ def _float_list(values: list[str]) -> bool:
     return True
 
 
+def _is_benchmark(spec: str) -> bool:
+    try:
+        parse_benchmark(spec)
+    except ValueError:
+        return False
+    return True
+
+
 flags.register_validator("lr_steps", _float_list, "--lr_steps must be a comma-separated list of epochs")
 flags.register_validator("meta_lr_steps", _float_list, "--meta_lr_steps must be a comma-separated list of epochs")
 flags.register_validator("factor_weights", lambda v: _float_list(v) and len(v) == 4,
                          "--factor_weights must be 4 numbers (pose, occlusion, blur, ethnicity)")
 flags.register_validator("stage", lambda v: bool(v) and all(s in STAGES for s in v) and len(set(v)) == len(v),
                          f"--stage must list some of {', '.join(STAGES)}, each once")
+flags.register_validator("eval_data", lambda v: all(_is_benchmark(spec) for spec in v),
+                         f"--eval_data entries must be <kind>:<path> with a kind among {', '.join(KINDS)}, "
+                         "or a synthetic test split's folder")
 flags.register_validator("image_size", lambda v: v % 16 == 0, "--image_size must be divisible by 16")
 flags.register_multi_flags_validator(["margin_min", "margin_max"], lambda f: f["margin_min"] <= f["margin_max"],
                                      "--margin_min must not exceed --margin_max")
@@ -131,6 +146,7 @@ def config_from_flags() -> TrainConfig:
     values["meta_lr_steps"] = tuple(float(v) for v in FLAGS.meta_lr_steps)
     values["factor_weights"] = tuple(float(v) for v in FLAGS.factor_weights)
     values["stage"] = tuple(FLAGS.stage)
+    values["eval_data"] = tuple(FLAGS.eval_data)
     values["meta_batch_size"] = FLAGS.meta_batch_size or FLAGS.batch_size
     return TrainConfig(**values)
 
@@ -158,7 +174,7 @@ def _configure_devices(config: TrainConfig) -> None:
 def _make_demo_data_if_missing(config: TrainConfig) -> None:
     """Renders the demo's synthetic splits when a data flag names one of them and it is missing."""
     demo_folders = {f"{DEMO_DATA}/{split}" for split in ("train", "meta", "test")}
-    needed = {config.train_data, config.meta_data, config.eval_data} & demo_folders
+    needed = {config.train_data, config.meta_data, *config.eval_data} & demo_folders
     if not needed or all(os.path.exists(posixpath.join(path, "dataset.json")) for path in needed):
         return
     from mvcom_tf.data import synthetic

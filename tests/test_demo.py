@@ -72,3 +72,29 @@ def test_learned_residuals_are_larger_for_tail_classes(demo_run):
     # The differences are about one standard error of a class mean (README, "Seed Sec. E"):
     # this pins the behaviour of this deterministic run, it does not prove the claim.
     assert gaps["ethnicity"] > 0, gaps
+
+
+def test_evaluate_reproduces_the_training_accuracy_from_the_saved_model(demo_run, tmp_path):
+    """`python -m mvcom_tf.evaluate` on the exported SavedModel, in its own process, scores what training did."""
+    run_dir, _ = demo_run
+    test_data = json.loads((run_dir / "metrics.json").read_text())
+    data_dir = [line.split("=", 1)[1] for line in (run_dir / "flags.txt").read_text().splitlines()
+                if line.startswith("--eval_data=")][0]
+    result = run_module(["-m", "mvcom_tf.evaluate", f"--model={run_dir}", f"--benchmark=synthetic:{data_dir}",
+                         f"--output_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.loads((tmp_path / "results.json").read_text())["synthetic:test"]
+    assert abs(scored["accuracy"] - test_data["accuracy"]) <= 1.0 / scored["num_pairs"] + 1e-9
+    for factor, groups in test_data["groups"].items():  # a pair or two may flip in the smallest groups
+        assert scored["groups"][factor] == pytest.approx(groups, abs=2.0 / 128), factor
+    ethnicity = scored["factors"]["ethnicity"]
+    worst = min(ethnicity["global_threshold"].values())
+    assert ethnicity["worst_accuracy"] == worst
+    assert ethnicity["skewed_error_ratio"] == pytest.approx((1 - worst) / (1 - max(ethnicity["global_threshold"].values())))
+    assert (tmp_path / "roc_synthetic_test.png").exists()
+    assert "| synthetic:test |" in result.stdout
+
+    missing = run_module(["-m", "mvcom_tf.evaluate", f"--model={tmp_path}", f"--benchmark=synthetic:{data_dir}"])
+    assert missing.returncode == 2 and "holds a saved_model.pb" in missing.stderr
+    unknown = run_module(["-m", "mvcom_tf.evaluate", f"--model={run_dir}", "--benchmark=megaface:x"])
+    assert unknown.returncode != 0 and "unknown benchmark kind 'megaface'" in unknown.stderr

@@ -121,3 +121,22 @@ def test_saved_model_loads_without_mvcom_tf_and_matches(tmp_path):
     expected = embedding_fn(backbone)(tf.constant(images)).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)
+
+
+def test_eval_every_logs_verification_during_the_stage(tmp_path, tiny_data):
+    run_dir = tmp_path / "run"
+    result = run_module(["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--max_steps=6", "--epochs=3",
+                         "--eval_every=3", f"--eval_data=synthetic:{tiny_data}/test", f"--model_dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = {}
+    for path in tf.io.gfile.glob(f"{run_dir}/tensorboard/pretrain/events.*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, set()).add(event.step)
+    assert steps["eval/synthetic:test/accuracy"] == {3, 6}
+    assert steps["eval/accuracy"] == {3, 6} and 6 in steps["eval/ethnicity/0"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["benchmarks"]["synthetic:test"]["accuracy"] == metrics["accuracy"]
+    assert "step 3: synthetic:test accuracy" in result.stderr
+    bad = run_module(["-m", "mvcom_tf.train", "--eval_data=lfw:x.bin", f"--model_dir={tmp_path}/bad"])
+    assert bad.returncode != 0 and "--eval_data entries must be <kind>:<path>" in bad.stderr

@@ -1,0 +1,44 @@
+"""Verification metrics on similarity scores: ROC, TAR at FAR, and per-group bias figures."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def roc_curve(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False and true accept rates of `score >= t` for every distinct score t (descending), plus t = +inf.
+
+    Returns (far, tar, thresholds), far and tar non-decreasing from (0, 0).
+    """
+    scores, same = np.asarray(scores, np.float64), np.asarray(same, bool)
+    positives, negatives = max(int(same.sum()), 1), max(int((~same).sum()), 1)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_same = scores[order], same[order]
+    true_accepts, false_accepts = np.cumsum(sorted_same), np.cumsum(~sorted_same)
+    # Pairs with equal scores are accepted together: keep the last index of each run of ties.
+    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
+    far = np.r_[0.0, false_accepts[last] / negatives]
+    tar = np.r_[0.0, true_accepts[last] / positives]
+    return far, tar, np.r_[np.inf, sorted_scores[last]]
+
+
+def tar_at_far(scores: np.ndarray, same: np.ndarray, fars=FARS) -> dict[str, float]:
+    """The highest true accept rate among thresholds whose false accept rate is at most each target FAR."""
+    far, tar, _ = roc_curve(scores, same)
+    return {f"{target:.0e}": float(tar[far <= target].max()) for target in fars}
+
+
+def skewed_error_ratio(accuracies) -> float:
+    """max error / min error across groups (RFW's SER); inf when some group makes no error."""
+    errors = 1.0 - np.asarray(list(accuracies), np.float64)
+    return float(errors.max() / errors.min()) if errors.min() > 0 else float("inf")
+
+
+def group_summary(accuracies: dict[str, float]) -> dict[str, float | str]:
+    """Worst group, spread and skewed error ratio of per-group accuracies."""
+    values = np.asarray(list(accuracies.values()), np.float64)
+    worst = min(accuracies, key=accuracies.get)
+    return {"worst_group": worst, "worst_accuracy": float(accuracies[worst]), "mean_accuracy": float(values.mean()),
+            "group_std": float(values.std()), "skewed_error_ratio": skewed_error_ratio(values)}

@@ -1,0 +1,191 @@
+"""The verification benchmarks, one function per kind: bin, pairs, rfw, ijb, synthetic.
+
+Each takes an embedding function (uint8 images [B, S, S, 3] -> embeddings) and a path, streams
+the images through it (image + horizontal flip, summed, L2-normalised), and returns a
+`Scored`: the numbers for results.json and the ROC curves to draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from mvcom_tf.data import alignment, schema
+from mvcom_tf.data.pipeline import eval_dataset
+from mvcom_tf.data.tfrecord import DatasetError, read_info
+from mvcom_tf.evaluation import formats, ijb, metrics
+from mvcom_tf.evaluation.benchmark_spec import KINDS, benchmark_key, parse_benchmark  # noqa: F401 (re-exported)
+from mvcom_tf.evaluation.verification import best_threshold, embed_images, kfold_accuracy, read_pairs
+
+EmbedFn = Callable[[tf.Tensor], tf.Tensor]
+
+
+@dataclasses.dataclass
+class Scored:
+    """A benchmark's figures (JSON-ready) and its ROC curves {label: (far, tar)}."""
+
+    result: dict
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _decode(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = tf.image.resize(tf.ensure_shape(image, [None, None, 3]), [image_size, image_size], antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def encoded_images(encoded: list[bytes], image_size: int, batch_size: int) -> tf.data.Dataset:
+    """Batches of uint8 images from encoded bytes, resized to image_size, in order."""
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(encoded, tf.string))
+    return dataset.map(lambda e: _decode(e, image_size), num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size) \
+        .prefetch(tf.data.AUTOTUNE)
+
+
+def file_images(paths: list[str], landmarks: list[np.ndarray | None], image_size: int,
+                batch_size: int) -> tf.data.Dataset:
+    """Batches of uint8 faces read from files (streamed), aligned where landmarks are given, else resized."""
+    reference = alignment.ARCFACE_REFERENCE * (image_size / alignment.ALIGNED_SIZE)
+    transforms = np.zeros((len(paths), 8), np.float32)
+    aligned = np.zeros(len(paths), bool)
+    for index, points in enumerate(landmarks):
+        if points is not None:
+            matrix = np.vstack([alignment.similarity_transform(points, reference), [0.0, 0.0, 1.0]])
+            transforms[index] = np.linalg.inv(matrix).reshape(-1)[:8]
+            aligned[index] = True
+
+    def load(path, transform, align):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32)
+        warped = tf.raw_ops.ImageProjectiveTransformV3(
+            images=image[None], transforms=transform[None], output_shape=[image_size, image_size],
+            fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+        resized = tf.image.resize(image, [image_size, image_size], antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(tf.where(align, warped, resized)), 0, 255), tf.uint8)
+
+    for path in paths[:1] + paths[-1:]:
+        if not tf.io.gfile.exists(path):
+            raise DatasetError(f"{path} is missing")
+    dataset = tf.data.Dataset.from_tensor_slices((paths, transforms, aligned))
+    return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------- kinds
+
+
+def _verification(scores: np.ndarray, same: np.ndarray, label: str) -> Scored:
+    folds = kfold_accuracy(scores, same)
+    far, tar, _ = metrics.roc_curve(scores, same)
+    result = {"accuracy": folds.accuracy, "accuracy_std": folds.std, "num_pairs": int(len(scores)),
+              "tar_at_far": metrics.tar_at_far(scores, same)}
+    return Scored(result, {label: (far, tar)})
+
+
+def run_bin(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
+    """insightface .bin: pairs (2i, 2i+1), 10 folds in order, threshold on 9, accuracy on the 10th."""
+    images, same = formats.load_bin(path)
+    embeddings = embed_images(embed, encoded_images(images, image_size, batch_size))
+    scores = np.sum(embeddings[0::2] * embeddings[1::2], axis=1)
+    return _verification(scores, same, posixpath.basename(path))
+
+
+def _pair_scores(embed: EmbedFn, pairs: formats.PairList, landmarks, image_size: int, batch_size: int) -> np.ndarray:
+    embeddings = embed_images(embed, file_images(pairs.paths, landmarks, image_size, batch_size))
+    return np.sum(embeddings[pairs.first] * embeddings[pairs.second], axis=1)
+
+
+def run_pairs(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
+    """An LFW-style pairs.txt (or a folder holding one) over aligned faces `<name>/<name>_NNNN.jpg` beside it."""
+    pairs_file = posixpath.join(path, "pairs.txt") if tf.io.gfile.isdir(path) else path
+    pairs = formats.read_lfw_pairs(pairs_file, posixpath.dirname(pairs_file))
+    scores = _pair_scores(embed, pairs, [None] * len(pairs.paths), image_size, batch_size)
+    return _verification(scores, pairs.same, posixpath.basename(path.rstrip("/")))
+
+
+def run_rfw(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
+    """RFW: per-race 10-fold accuracy on the 5-point-aligned loose crops, their mean, std and skewed error ratio."""
+    races, curves = {}, {}
+    for race in formats.RFW_RACES:
+        pairs, points = formats.read_rfw(path, race)
+        landmarks = [points.get(posixpath.basename(p)) for p in pairs.paths]
+        missing = sum(lm is None for lm in landmarks)
+        scores = _pair_scores(embed, pairs, landmarks, image_size, batch_size)
+        scored = _verification(scores, pairs.same, race)
+        races[race] = {**scored.result, "unaligned_images": missing}
+        curves.update(scored.curves)
+    accuracies = {race: races[race]["accuracy"] for race in races}
+    summary = metrics.group_summary(accuracies)
+    result = {"accuracy": summary["mean_accuracy"], "std": summary["group_std"],
+              "skewed_error_ratio": summary["skewed_error_ratio"], "races": races}
+    return Scored(result, curves)
+
+
+def run_ijb(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
+    """IJB-B or IJB-C 1:1 (the meta files name which): TAR at FAR 1e-6 ... 1e-1."""
+    names = [n for n in ("ijbc", "ijbb") if tf.io.gfile.exists(posixpath.join(path, "meta", f"{n}_face_tid_mid.txt"))]
+    if not names:
+        raise DatasetError(f"{path}/meta holds neither ijbc_face_tid_mid.txt nor ijbb_face_tid_mid.txt")
+    meta = formats.read_ijb(path, names[0])
+    paths = [posixpath.join(path, "loose_crop", image) for image in meta.images]
+    features = embed_images(embed, file_images(paths, list(meta.landmarks), image_size, batch_size))
+    template_ids, template_features = ijb.template_features(features, meta.templates, meta.medias, meta.scores)
+    scores = ijb.pair_scores(template_ids, template_features, meta.pair_templates)
+    far, tar, _ = metrics.roc_curve(scores, meta.pair_labels)
+    result = {"tar_at_far": metrics.tar_at_far(scores, meta.pair_labels), "num_pairs": int(len(scores)),
+              "num_images": len(paths), "num_templates": int(len(template_ids)), "protocol": names[0]}
+    return Scored(result, {names[0]: (far, tar)})
+
+
+def run_synthetic(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
+    """The synthetic test split: 10-fold accuracy, and per factor the accuracy of every group at one global
+    threshold (the one with the best overall accuracy) and its own 10-fold accuracy, with bias summaries."""
+    info = read_info(path)
+    if "pairs" not in info.extras:
+        raise DatasetError(f"{path}/dataset.json names no pairs file: it is not a verification split")
+    pairs = read_pairs(posixpath.join(path, info.extras["pairs"]))
+    images = eval_dataset(path, info, batch_size, image_size).map(lambda f: f["image"])
+    embeddings = embed_images(embed, images)
+    if max(pairs["index_a"].max(), pairs["index_b"].max()) >= len(embeddings):
+        raise DatasetError(f"{path}: pairs name image indices beyond its {len(embeddings)} images")
+    scores = np.sum(embeddings[pairs["index_a"]] * embeddings[pairs["index_b"]], axis=-1)
+    same = pairs["same"].astype(bool)
+    scored = _verification(scores, same, "all pairs")
+    threshold = best_threshold(scores, same)
+    correct = (scores >= threshold) == same
+    folds = kfold_accuracy(scores, same)
+    factors, groups = {}, {}
+    for factor in schema.FACTORS:
+        labels = pairs[factor]
+        at_threshold, tenfold, fold_groups = {}, {}, {}
+        for group in range(schema.NUM_CLASSES[factor]):
+            members = labels == group
+            if not np.any(members):
+                continue
+            name = schema.CLASS_NAMES[factor][group]
+            at_threshold[name] = float(np.mean(correct[members]))
+            if members.sum() >= 10:
+                tenfold[name] = kfold_accuracy(scores[members], same[members]).accuracy
+            fold_groups[str(group)] = float(np.mean(folds.correct[members]))
+            if factor == "ethnicity":
+                far, tar, _ = metrics.roc_curve(scores[members], same[members])
+                scored.curves[name] = (far, tar)
+        factors[factor] = {"global_threshold": at_threshold, "tenfold": tenfold, **metrics.group_summary(at_threshold)}
+        groups[factor] = fold_groups
+    scored.result.update({"global_threshold": threshold,
+                          "global_far": float(np.mean(scores[~same] >= threshold)),
+                          "factors": factors, "groups": groups})
+    return scored
+
+
+RUNNERS = {"bin": run_bin, "pairs": run_pairs, "rfw": run_rfw, "ijb": run_ijb, "synthetic": run_synthetic}
+
+
+def run_benchmark(kind: str, path: str, embed: EmbedFn, image_size: int, batch_size: int = 256) -> Scored:
+    """Scores one benchmark of any kind."""
+    return RUNNERS[kind](embed, path, image_size, batch_size)
