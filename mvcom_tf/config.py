@@ -77,6 +77,7 @@ class TrainConfig:
     log_every: int
     eval_batch_size: int
     eval_every: int
+    nan_policy: str
     export_dir: str
 
     def schedule(self, stage: str) -> Schedule:

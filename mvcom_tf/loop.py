@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 import posixpath
+import signal
+import threading
 import time
 
 import keras
@@ -29,6 +34,30 @@ METRICS_FILE = "metrics.json"
 # per-sample values, gathered over replicas (histograms in TensorBoard, except figure/ ones,
 # which only feed the step object's figures).
 VALUES = "values/"
+# Test hook for the non-finite drill: the global step whose training batch is poisoned with NaN.
+POISON_STEP_ENV = "MVCOM_TF_POISON_STEP"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf (with --nan_policy=stop): the message names the step and the last good checkpoint."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived: a checkpoint of the step reached was saved; re-running the command resumes there."""
+
+
+@contextlib.contextmanager
+def preemption_signal():
+    """An Event set by SIGTERM while the block runs (main thread only; the previous handler is restored)."""
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -158,15 +187,24 @@ class Progress:
 
 
 def distributed_batches(strategy, data_dir: str, info: DatasetInfo, config: TrainConfig, global_batch: int,
-                        epoch: int, skip_steps: int, failures: DecodeFailures, seed: int):
-    """An iterator over one epoch's global batches, split over the replicas (resuming after skip_steps)."""
+                        epoch: int, skip_steps: int, failures: DecodeFailures, seed: int, first_step: int = 0):
+    """An iterator over one epoch's global batches, split over the replicas (resuming after skip_steps).
+
+    `first_step` is the global step of the first batch (for the POISON_STEP_ENV test hook).
+    """
+    poison_step = int(os.environ.get(POISON_STEP_ENV, "-1"))
+
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        return train_dataset(
+        dataset = train_dataset(
             data_dir, info, batch_size=context.get_per_replica_batch_size(global_batch),
             image_size=config.image_size, seed=seed, epoch=epoch,
             skip_records=skip_steps * global_batch // context.num_input_pipelines,
             input_context=context, failures=failures, shuffle_buffer=config.shuffle_buffer,
             augment=synthesis if synthesis.active else None)
+        if poison_step >= first_step:
+            dataset = dataset.enumerate().map(lambda index, batch: {
+                **batch, "image": tf.where(index + first_step == poison_step, np.nan, batch["image"])})
+        return dataset
 
     synthesis = VariationSynthesis(config.synth_blur_prob, config.synth_occlusion_prob)
 
@@ -192,7 +230,8 @@ def build_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strateg
         state = build_state(config, info, steps_per_epoch, stage)
         class_margins = tf.constant(stage_margins(config, stage, info), keras.config.floatx())
         if stage != "meta":
-            step = MarginStep(state.backbone, state.head, state.optimizer, class_margins, config.batch_size)
+            step = MarginStep(state.backbone, state.head, state.optimizer, class_margins, config.batch_size,
+                              skip_nonfinite=config.nan_policy == "skip")
             return state, step, None
         from mvcom_tf.meta.step import build_meta_step  # the meta stage's own pieces
 
@@ -240,8 +279,13 @@ class CompiledSteps:
         return run
 
 
-def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str) -> StageState:
-    """Trains one stage to its last step (resuming from its own checkpoints) and returns its state."""
+def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str,
+              preempted: threading.Event | None = None) -> StageState:
+    """Trains one stage to its last step (resuming from its own checkpoints) and returns its state.
+
+    Raises Preempted once `preempted` is set (after saving), NonFiniteLoss on a NaN loss (--nan_policy=stop).
+    """
+    preempted = preempted or threading.Event()
     info = check_data(config.train_data, "train_data", config)
     steps_per_epoch = info.num_images // config.batch_size
     total_steps = config.schedule(stage).epochs * steps_per_epoch
@@ -261,26 +305,38 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
     logging.info("[%s] %d images, %d identities, %d steps/epoch, training steps %d to %d, %d replica(s)",
                  stage, info.num_images, info.num_identities, steps_per_epoch, step, total_steps,
                  strategy.num_replicas_in_sync)
+    skipped = 0
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         iterator = distributed_batches(strategy, config.train_data, info, config, config.batch_size, epoch, offset,
-                                       failures, config.seed)
+                                       failures, config.seed, first_step=step)
         meta_iterator = None
         if meta_info is not None:
             pool = config.meta_batch_size * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
             meta_iterator = distributed_batches(strategy, config.meta_data, meta_info, config, pool, epoch, offset,
                                                 failures, config.seed + 1)
         for _ in range(offset, min(steps_per_epoch, offset + total_steps - step)):
-            progress.add(train_step(trainer.for_step(step), iterator, meta_iterator))
+            metrics = train_step(trainer.for_step(step), iterator, meta_iterator)
+            check_finite(metrics, stage, step + 1, manager)
+            skipped += int(float(metrics.get("skipped", 0.0)) > 0)
+            progress.add(metrics)
             step += 1
             state.step.assign(step)
             state.epoch.assign(step // steps_per_epoch)
             if step % config.log_every == 0 or step == total_steps:
                 if int(failures.count.numpy()):
                     logging.warning("[%s] %d undecodable images dropped so far", stage, int(failures.count.numpy()))
+                if skipped:
+                    logging.warning("[%s] %d steps with a non-finite loss or gradient skipped so far", stage, skipped)
                 progress.report(step, epoch, _current_lr(state.optimizer))
             if step % config.checkpoint_every == 0 or step == total_steps:
                 manager.save(checkpoint_number=step)
+            if preempted.is_set():
+                if not (manager.latest_checkpoint or "").endswith(f"-{step}"):
+                    manager.save(checkpoint_number=step)
+                writer.flush()
+                raise Preempted(f"[{stage}] SIGTERM: saved {manager.latest_checkpoint} at step {step}; run the same "
+                                "command again to resume from it")
             if config.eval_data and config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 results = evaluate(config, state.backbone)
                 logging.info("[%s] step %d: %s", stage, step,
@@ -306,6 +362,19 @@ def _headline(result: dict) -> str:
     if "accuracy" in result:
         return f"accuracy {result['accuracy']:.4f}"
     return ", ".join(f"TAR@FAR={far} {tar:.4f}" for far, tar in result.get("tar_at_far", {}).items())
+
+
+def check_finite(metrics: dict, stage: str, step: int, manager: tf.train.CheckpointManager) -> None:
+    """--nan_policy=stop: a NaN or Inf loss ends the run before anything of this step is saved."""
+    if "loss" not in metrics:  # the heads-only warm-up reports no identity loss
+        return
+    loss = float(metrics["loss"])
+    if math.isfinite(loss):
+        return
+    last = manager.latest_checkpoint or "none (the stage had not saved one yet)"
+    raise NonFiniteLoss(f"[{stage}] the loss is {loss} at step {step}; nothing of this step was saved. The last "
+                        f"good checkpoint, {last}, is kept, and re-running resumes from it. Lower --lr, or use "
+                        "--nan_policy=skip to skip such steps")
 
 
 def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
@@ -367,7 +436,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     init_checkpoint = config.init_checkpoint
     state = None
     for stage in config.stage:
-        state = run_stage(config, stage, strategy, init_checkpoint)
+        with preemption_signal() as preempted:
+            state = run_stage(config, stage, strategy, init_checkpoint, preempted)
         init_checkpoint = posixpath.join(config.model_dir, "checkpoints", stage)
         metrics["stages"][stage] = {"training": state.summary}
         if config.eval_data:

@@ -19,10 +19,11 @@ class MarginStep:
     """
 
     def __init__(self, backbone: keras.Model, head: MarginHead, optimizer: keras.optimizers.Optimizer,
-                 class_margins: tf.Tensor, global_batch: int) -> None:
+                 class_margins: tf.Tensor, global_batch: int, skip_nonfinite: bool = False) -> None:
         self.backbone, self.head, self.optimizer = backbone, head, optimizer
         self.class_margins = class_margins
         self.global_batch = global_batch
+        self.skip_nonfinite = skip_nonfinite
 
     @property
     def variables(self) -> list:
@@ -60,6 +61,16 @@ class MarginStep:
         self.optimizer.apply_gradients(zip(gradients, self.variables))
         assign_statistics(self.backbone, statistics)
 
+    def update(self, gradients, statistics, losses) -> tf.Tensor:
+        """Applies the step; with skip_nonfinite, only where the losses and gradients are finite on
+        every replica. Returns 1.0 if it was applied, 0.0 if skipped."""
+        if not self.skip_nonfinite:
+            self.apply(gradients, statistics)
+            return tf.constant(1.0)
+        finite = all_finite([losses, *gradients])
+        apply_where(finite, self.apply, gradients, statistics)
+        return tf.cast(finite, tf.float32)
+
     def for_step(self, step: int) -> "MarginStep":
         """The callable to run at a global step (every step is the same here)."""
         return self
@@ -76,16 +87,49 @@ class MarginStep:
         labels = batch["identity"]
         margins = self.margins(labels)
         per_sample, logits, gradients, statistics = self.losses_and_gradients(batch["image"], labels, margins)
-        self.apply(gradients, statistics)
-        return batch_metrics(per_sample, logits, labels, margins)
+        applied = self.update(gradients, statistics, per_sample)
+        return batch_metrics(per_sample, logits, labels, margins, applied if self.skip_nonfinite else None)
 
 
-def batch_metrics(per_sample_loss, logits, labels, margins) -> dict[str, tf.Tensor]:
-    """Per-replica sums for the progress line and TensorBoard (divided by the global batch later)."""
+def batch_metrics(per_sample_loss, logits, labels, margins, applied=None) -> dict[str, tf.Tensor]:
+    """Per-replica sums for the progress line and TensorBoard (divided by the global batch later).
+
+    A skipped step (`applied` 0) reports nothing but `skipped`, so its NaNs stay out of the sums.
+    """
     correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
-    return {"loss": tf.reduce_sum(per_sample_loss), "accuracy": tf.reduce_sum(correct),
-            "margin": tf.reduce_sum(margins), "margin_sq": tf.reduce_sum(tf.square(margins)),
-            "images": tf.cast(tf.size(labels), tf.float32)}
+    metrics = {"loss": tf.reduce_sum(per_sample_loss), "accuracy": tf.reduce_sum(correct),
+               "margin": tf.reduce_sum(margins), "margin_sq": tf.reduce_sum(tf.square(margins)),
+               "images": tf.cast(tf.size(labels), tf.float32)}
+    if applied is None:
+        return metrics
+    metrics = {name: tf.where(applied > 0, tf.cast(value, tf.float32), 0.0) for name, value in metrics.items()}
+    metrics["skipped"] = 1.0 - applied
+    return metrics
+
+
+def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
+    """True when every tensor is finite on every replica (so that all replicas decide alike)."""
+    bad = tf.add_n([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(t)), tf.float32)) for t in tensors])
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        bad = context.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    return tf.equal(bad, 0.0)
+
+
+def apply_where(condition: tf.Tensor, apply_fn, *args) -> None:
+    """Runs `apply_fn(*args)` (which may merge_call, as optimizers do) only if `condition`.
+
+    The cond is taken in cross-replica context, as Keras' LossScaleOptimizer does: a replica-
+    context cond cannot hold a merge_call. Every replica holds the same condition.
+    """
+    def merge(strategy, condition, *args):
+        def run():
+            strategy.extended.call_for_each_replica(apply_fn, args=args)
+            return tf.constant(True)
+
+        tf.cond(strategy.experimental_local_results(condition)[0], run, lambda: tf.constant(False))
+
+    tf.distribute.get_replica_context().merge_call(merge, args=(condition, *args))
 
 
 def assign_statistics(model: keras.Model, statistics: list[tf.Tensor]) -> None:

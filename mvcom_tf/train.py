@@ -27,6 +27,8 @@ flags.DEFINE_string("meta_data", f"{DEMO_DATA}/meta", "Meta set folder for --sta
 flags.DEFINE_list("eval_data", [f"{DEMO_DATA}/test"], "Benchmarks evaluated after each stage (and every "
                   "--eval_every steps), comma-separated <kind>:<path> as in mvcom_tf.evaluate (kinds bin, pairs, "
                   "rfw, ijb, synthetic; a bare path is a synthetic test split); empty: no evaluation.")
+flags.DEFINE_enum("nan_policy", "stop", ["stop", "skip"], "A NaN or Inf loss: stop (the run ends naming the "
+                  "step and the last good checkpoint) or skip (such steps change nothing and are counted).")
 flags.DEFINE_integer("eval_every", 0, "Steps between evaluations during a stage (0: only after it).",
                      lower_bound=0)
 flags.DEFINE_integer("image_size", 32, "Input size in pixels (square, divisible by 16); 112 for the paper.",
@@ -202,6 +204,12 @@ def main(argv: list[str]) -> int:
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except loop.NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except loop.Preempted as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        return 0
     logging.info("run folder %s: checkpoints/, tensorboard/ (tensorboard --logdir %s/tensorboard), flags.txt, "
                  "metrics.json; SavedModel in %s", config.model_dir, config.model_dir, metrics["export_dir"])
     if "accuracy" in metrics:

@@ -169,8 +169,8 @@ class MetaStep:
             loss = tf.reduce_sum(per_sample) / step.global_batch
         feature_gradient, *head_gradients = tape.gradient(loss, [features, *step.head.trainable_variables])
         backbone_gradients = inner.gradient(embeddings, weights, output_gradients=feature_gradient)
-        step.apply(backbone_gradients + head_gradients, statistics)
-        return per_sample, logits
+        applied = step.update(backbone_gradients + head_gradients, statistics, per_sample)
+        return per_sample, logits, applied
 
     def heads_update(self, meta, trunk_features=None) -> dict[str, tf.Tensor]:
         """Step (e): the variation heads on V at the current weights (features stop-gradient)."""
@@ -208,8 +208,9 @@ class MetaStep:
             residuals = tf.zeros([tf.shape(prior)[0], len(schema.FACTORS)], prior.dtype)
             recorded = self.recorded_forward(batch)
         margins = prior + tf.reduce_sum(residuals, axis=1)
-        per_sample, logits = self.real_update(batch, margins, recorded)
-        metrics = batch_metrics(per_sample, logits, batch["identity"], margins)
+        per_sample, logits, applied = self.real_update(batch, margins, recorded)
+        metrics = batch_metrics(per_sample, logits, batch["identity"], margins,
+                                applied if self.margin_step.skip_nonfinite else None)
         metrics.update(self.heads_update(meta, trunk_features))
         metrics.update(residual_sums(residuals, batch))
         metrics["values/margin/final"] = margins
@@ -281,7 +282,8 @@ def build_meta_step(config: TrainConfig, state, class_margins: tf.Tensor, global
     heads_optimizer = keras.optimizers.SGD(config.variation_lr, momentum=config.momentum)
     heads_optimizer.build(heads.trainable_variables)
     state.extras.update(variation_heads=heads, variation_optimizer=heads_optimizer)
-    margin_step = MarginStep(state.backbone, state.head, state.optimizer, class_margins, global_batch)
+    margin_step = MarginStep(state.backbone, state.head, state.optimizer, class_margins, global_batch,
+                             skip_nonfinite=config.nan_policy == "skip")
     return MetaStep(
         margin_step, heads, heads_optimizer, tau=config.meta_lr_tau, inner_lr=config.meta_inner_lr,
         residual_max=config.residual_max, scope=config.meta_scope, factor_weights=config.factor_weights,

@@ -1,0 +1,90 @@
+"""Fault drills in fresh processes: SIGKILL at random steps, SIGTERM, and a NaN batch (stop and skip)."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from conftest import REPO, run_module
+from test_train_cli import TINY, data_flags, final_weights
+
+
+def _start(args, env=None):
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2",
+                                            **(env or {})})
+
+
+def _wait_for(path, process, timeout=300):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, "the run ended before the signal could be sent"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_three_kills_at_random_steps_end_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_data):
+    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=14",
+            "--checkpoint_every=1", "--keep_checkpoints=2", "--epochs=3"]
+    straight = run_module([*args, f"--model_dir={tmp_path}/straight"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    run_dir = f"{tmp_path}/killed"
+    kill_after = sorted(random.Random(7).sample(range(2, 13), 3))
+    for step in kill_after:
+        process = _start([*args, f"--model_dir={run_dir}"])
+        _wait_for(f"{run_dir}/checkpoints/pretrain/ckpt-{step}.index", process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = run_module([*args, f"--model_dir={run_dir}"])
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    a, b = final_weights(f"{tmp_path}/straight", 14), final_weights(run_dir, 14)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_from_that_step(tmp_path, tiny_data):
+    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=60",
+            "--checkpoint_every=50", "--epochs=20", f"--model_dir={tmp_path}/run"]
+    process = _start(args)
+    # The tensorboard folder appears when training starts; give it a few steps.
+    _wait_for(f"{tmp_path}/run/tensorboard/pretrain", process)
+    time.sleep(2.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    line = [x for x in stderr.splitlines() if x.startswith("stopped: [pretrain] SIGTERM: saved")][0]
+    step = int(line.split(" at step ")[1].split(";")[0])
+    assert 0 < step < 60 and os.path.exists(f"{tmp_path}/run/checkpoints/pretrain/ckpt-{step}.index")
+    resumed = run_module(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {tmp_path}/run/checkpoints/pretrain/ckpt-{step} at step {step}" in resumed.stderr
+
+
+def test_a_nan_batch_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
+    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=8",
+            "--checkpoint_every=2", "--epochs=3"]
+    stopped = run_module([*args, f"--model_dir={tmp_path}/stop"], env={"MVCOM_TF_POISON_STEP": "5"})
+    assert stopped.returncode == 3, stopped.stderr[-2000:]
+    last = f"{tmp_path}/stop/checkpoints/pretrain/ckpt-4"
+    assert (f"error: [pretrain] the loss is nan at step 6; nothing of this step was saved. The last good "
+            f"checkpoint, {last}, is kept") in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert not os.path.exists(f"{tmp_path}/stop/checkpoints/pretrain/ckpt-6.index")
+    weights = final_weights(f"{tmp_path}/stop", 4)
+    assert all(np.all(np.isfinite(value)) for value in weights.values() if value.dtype.kind == "f")
+
+    skipped = run_module([*args, "--nan_policy=skip", f"--model_dir={tmp_path}/skip"],
+                         env={"MVCOM_TF_POISON_STEP": "5"})
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert "1 steps with a non-finite loss or gradient skipped so far" in skipped.stderr
+    reader = tf.train.load_checkpoint(f"{tmp_path}/skip/checkpoints/pretrain/ckpt-8")
+    iterations = [name for name in reader.get_variable_to_shape_map() if name.startswith("optimizer/_iterations")]
+    assert iterations and int(reader.get_tensor(iterations[0])) == 7  # 8 steps, one of them skipped
+    weights = final_weights(f"{tmp_path}/skip", 8)
+    assert all(np.all(np.isfinite(value)) for value in weights.values() if value.dtype.kind == "f")
