@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import posixpath
 import signal
+import tempfile
 import threading
 import time
 
@@ -74,8 +76,18 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster and this task from TF_CONFIG
     raise ValueError(f"unknown strategy {name!r}")
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run folder: no TF_CONFIG, the chief, or worker 0 of a cluster without one."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = tf_config.get("task", {})
+    kind, index = task.get("type"), int(task.get("index", 0))
+    if kind in (None, "chief"):
+        return True
+    return kind == "worker" and index == 0 and "chief" not in tf_config.get("cluster", {})
 
 
 @dataclasses.dataclass
@@ -241,11 +253,12 @@ def build_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strateg
         return state, step, meta_info
 
 
-def restore(state: StageState, manager: tf.train.CheckpointManager, init_checkpoint: str, stage: str) -> None:
-    """Resumes from the stage's own last checkpoint, or starts from --init_checkpoint's backbone and head."""
-    if manager.latest_checkpoint:
-        state.checkpoint().restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("[%s] resumed from %s at step %d", stage, manager.latest_checkpoint, int(state.step))
+def restore(state: StageState, resume_dir: str, init_checkpoint: str, stage: str) -> None:
+    """Resumes from the stage's last checkpoint in resume_dir, or starts from --init_checkpoint's backbone and head."""
+    latest = tf.train.latest_checkpoint(resume_dir)
+    if latest:
+        state.checkpoint().restore(latest).assert_existing_objects_matched()
+        logging.info("[%s] resumed from %s at step %d", stage, latest, int(state.step))
     elif init_checkpoint:
         # Backbone and identity classifier only, as seed Sec. C keeps them; optimizer and step start anew.
         tf.train.Checkpoint(backbone=state.backbone, head=state.head).restore(
@@ -280,9 +293,11 @@ class CompiledSteps:
 
 
 def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str,
-              preempted: threading.Event | None = None) -> StageState:
+              preempted: threading.Event | None = None, resume_dir: str = "") -> StageState:
     """Trains one stage to its last step (resuming from its own checkpoints) and returns its state.
 
+    Checkpoints and summaries go under config.model_dir; the stage resumes from resume_dir (the
+    chief's checkpoints, which a worker reads but does not write), by default its own.
     Raises Preempted once `preempted` is set (after saving), NonFiniteLoss on a NaN loss (--nan_policy=stop).
     """
     preempted = preempted or threading.Event()
@@ -292,9 +307,9 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     state, trainer, meta_info = build_stage(config, stage, strategy, info, steps_per_epoch)
-    manager = tf.train.CheckpointManager(state.checkpoint(), posixpath.join(config.model_dir, "checkpoints", stage),
-                                         max_to_keep=config.keep_checkpoints)
-    restore(state, manager, init_checkpoint, stage)
+    checkpoints = posixpath.join(config.model_dir, "checkpoints", stage)
+    manager = tf.train.CheckpointManager(state.checkpoint(), checkpoints, max_to_keep=config.keep_checkpoints)
+    restore(state, resume_dir or checkpoints, init_checkpoint, stage)
     writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage))
     if int(state.step.numpy()) == 0:
         _log_distributions(writer, {"train_data": info, "meta_data": meta_info})
@@ -337,7 +352,8 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
                 writer.flush()
                 raise Preempted(f"[{stage}] SIGTERM: saved {manager.latest_checkpoint} at step {step}; run the same "
                                 "command again to resume from it")
-            if config.eval_data and config.eval_every and step % config.eval_every == 0 and step < total_steps:
+            if (config.eval_data and config.eval_every and step % config.eval_every == 0 and step < total_steps
+                    and is_chief()):
                 results = evaluate(config, state.backbone)
                 logging.info("[%s] step %d: %s", stage, step,
                              "; ".join(f"{key} {_headline(result)}" for key, result in results.items()))
@@ -429,18 +445,35 @@ def single_device_copy(config: TrainConfig, backbone: keras.Model) -> keras.Mode
 
 
 def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
-    """Runs every stage of --stage in order, then evaluates and exports; returns metrics.json's content."""
+    """Runs every stage of --stage in order, then evaluates and exports; returns metrics.json's content.
+
+    Under MultiWorkerMirroredStrategy every worker trains and saves checkpoints (saving takes
+    part in collectives), but only the chief writes the run folder: the others write to a
+    temporary folder, removed at the end, and resume from the chief's checkpoints.
+    """
     strategy = strategy or make_strategy(config.strategy)
-    tf.io.gfile.makedirs(config.model_dir)
+    chief = is_chief()
+    scratch = "" if chief else tempfile.mkdtemp(prefix="mvcom_tf_worker_")
+    local = config if chief else dataclasses.replace(config, model_dir=scratch)
+    try:
+        return _run_stages(config, local, strategy, chief)
+    finally:
+        if scratch:
+            tf.io.gfile.rmtree(scratch)
+
+
+def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute.Strategy, chief: bool) -> dict:
+    tf.io.gfile.makedirs(local.model_dir)
     metrics: dict = {"stages": {}}
     init_checkpoint = config.init_checkpoint
     state = None
     for stage in config.stage:
+        resume_dir = posixpath.join(config.model_dir, "checkpoints", stage)
         with preemption_signal() as preempted:
-            state = run_stage(config, stage, strategy, init_checkpoint, preempted)
-        init_checkpoint = posixpath.join(config.model_dir, "checkpoints", stage)
+            state = run_stage(local, stage, strategy, init_checkpoint, preempted, resume_dir)
+        init_checkpoint = resume_dir
         metrics["stages"][stage] = {"training": state.summary}
-        if config.eval_data:
+        if config.eval_data and chief:
             results = evaluate(config, state.backbone)
             # The first benchmark's figures sit at the top level, as metrics.json has always had them.
             metrics["stages"][stage].update({**next(iter(results.values())), "benchmarks": results})
@@ -451,7 +484,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     final = metrics["stages"].get(config.stage[-1], {})
     metrics.update({key: final[key] for key in ("accuracy", "accuracy_std", "groups", "benchmarks") if key in final})
     export_dir = config.export_dir or posixpath.join(config.model_dir, "export")
-    export_saved_model(single_device_copy(config, state.backbone), export_dir, config.image_size)
     metrics["export_dir"] = export_dir
-    write_json(posixpath.join(config.model_dir, METRICS_FILE), metrics)
+    if chief:
+        export_saved_model(single_device_copy(config, state.backbone), export_dir, config.image_size)
+        write_json(posixpath.join(config.model_dir, METRICS_FILE), metrics)
     return metrics

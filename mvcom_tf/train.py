@@ -194,12 +194,13 @@ def main(argv: list[str]) -> int:
     from mvcom_tf.data.tfrecord import DatasetError
 
     try:
-        _make_demo_data_if_missing(config)
-        import tensorflow as tf
+        if loop.is_chief():  # other workers of a multi-worker run write nothing to the run folder
+            _make_demo_data_if_missing(config)
+            import tensorflow as tf
 
-        tf.io.gfile.makedirs(config.model_dir)
-        with tf.io.gfile.GFile(posixpath.join(config.model_dir, "flags.txt"), "w") as f:
-            f.write(FLAGS.flags_into_string())
+            tf.io.gfile.makedirs(config.model_dir)
+            with tf.io.gfile.GFile(posixpath.join(config.model_dir, "flags.txt"), "w") as f:
+                f.write(FLAGS.flags_into_string())
         metrics = loop.run(config)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)

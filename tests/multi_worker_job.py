@@ -1,0 +1,61 @@
+"""One process of the multi-worker check (run by test_multi_worker.py, not collected by pytest).
+
+    python tests/multi_worker_job.py <single|worker> <index> <port,port> <out.npz> <pretrain|meta>
+
+Takes two steps of the margin step (pretrain) or the MvCoM meta step (meta) in float64 on fixed
+batches, each replica its slice of the global batch, and saves every weight before and after to out.npz.
+"""
+
+import json
+import os
+import sys
+
+role, index, ports, out, stage = sys.argv[1:6]
+if role == "worker":
+    os.environ["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports.split(",")]},
+        "task": {"type": "worker", "index": int(index)}})
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from mvcom_tf.loop import make_strategy  # noqa: E402
+from tests.test_meta import build, make_batches  # noqa: E402
+
+keras.config.set_floatx("float64")
+keras.config.set_dtype_policy("float64")
+strategy = make_strategy("multi_worker") if role == "worker" else tf.distribute.OneDeviceStrategy("/cpu:0")
+meta_step = build(strategy, tau=1.0, sync_bn=True)
+step = meta_step if stage == "meta" else meta_step.margin_step
+
+
+def slice_of(data, context):
+    n = len(next(iter(data.values()))) // context.num_replicas_in_sync
+    i = context.replica_id_in_sync_group
+    return {key: value[i * n:(i + 1) * n] for key, value in data.items()}
+
+
+def weights():
+    variables = (meta_step.margin_step.backbone.weights + meta_step.margin_step.head.weights
+                 + meta_step.heads.weights + meta_step.margin_step.optimizer.variables)
+    return [np.asarray(v.numpy()) for v in variables]
+
+
+initial = weights()
+
+
+@tf.function
+def run(batch, meta):
+    strategy.run(step, args=(batch, meta))
+
+
+for seed in range(2):
+    batch, meta = make_batches(seed)
+    run(strategy.experimental_distribute_values_from_function(lambda c: slice_of(batch, c)),
+        strategy.experimental_distribute_values_from_function(lambda c: slice_of(meta, c)))
+final = weights()
+np.savez(out, **{f"initial_{i}": value for i, value in enumerate(initial)},
+         **{f"final_{i}": value for i, value in enumerate(final)})
+print(f"{role} {index}: {strategy.num_replicas_in_sync} replicas, saved {len(final)} arrays")

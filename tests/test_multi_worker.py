@@ -1,0 +1,78 @@
+"""MultiWorkerMirroredStrategy: two worker processes on 127.0.0.1 against one process with the whole batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from test_train_cli import TINY, data_flags
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "meta"])
+def test_two_workers_reach_the_weights_of_one_process_with_the_whole_batch(tmp_path, stage):
+    ports = ",".join(str(p) for p in free_ports(2))
+    job = os.path.join(REPO, "tests", "multi_worker_job.py")
+    workers = [subprocess.Popen([sys.executable, job, "worker", str(i), ports, str(tmp_path / f"w{i}.npz"), stage],
+                                cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    single = subprocess.run([sys.executable, job, "single", "0", "0", str(tmp_path / "one.npz"), stage], cwd=REPO,
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert single.returncode == 0, single.stderr[-2000:]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-2000:]
+        assert "2 replicas" in out
+    one, first, second = (np.load(tmp_path / name) for name in ("one.npz", "w0.npz", "w1.npz"))
+    finals = [key for key in one.files if key.startswith("final_")]
+    moved = max(float(np.max(np.abs(one[k] - one[k.replace("final", "initial")]))) for k in finals)
+    assert moved > 1e-2  # the steps changed the weights, so the equality below means something
+    for key in finals:
+        np.testing.assert_allclose(first[key], one[key], atol=1e-5, err_msg=key)
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+def test_only_the_chief_writes_files(tmp_path, tiny_data):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    run_dir = tmp_path / "run"
+    processes, scratch = [], []
+    for index in range(2):
+        folder = tmp_path / f"worker{index}"
+        (folder / "tmp").mkdir(parents=True)
+        scratch.append(folder)
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--strategy=multi_worker",
+             "--max_steps=4", "--checkpoint_every=2", f"--eval_data=synthetic:{tiny_data}/test",
+             f"--model_dir={run_dir}"],
+            cwd=str(folder), env=_env(TF_CONFIG=tf_config, TMPDIR=str(folder / "tmp"), PYTHONPATH=REPO),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    written = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    assert "metrics.json" in written and "flags.txt" in written and "export/saved_model.pb" in written
+    assert "checkpoints/pretrain/ckpt-4.index" in written
+    assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] > 0
+    # Worker 1 left nothing: not in its working folder, not in its temporary folder.
+    assert [p.name for p in scratch[1].rglob("*")] == ["tmp"]
+    assert "2 replica(s)" in outputs[0][1] and "2 replica(s)" in outputs[1][1]
