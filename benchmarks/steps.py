@@ -13,21 +13,30 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, num_classes: int = 1000):
-    """A compiled step function and its inputs: kind is plain, meta_all or meta_head."""
+def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, num_classes: int = 1000,
+               precision: str = "float32", jit_compile: bool = False):
+    """A compiled step function and its inputs: kind is plain, meta_all or meta_head.
+
+    precision float32 or bfloat16 (Keras' mixed_bfloat16 policy, as --mixed_precision=bfloat16);
+    jit_compile as --jit_compile (the step compiled by XLA).
+    """
     import keras
     import numpy as np
     import tensorflow as tf
 
+    if precision != "float32":
+        keras.mixed_precision.set_global_policy(f"mixed_{precision}")
+    compile_step = (lambda fn: tf.function(fn, jit_compile=True)) if jit_compile else tf.function
+
     from mvcom_tf.data import schema
     from mvcom_tf.meta.step import MetaStep
     from mvcom_tf.models.heads import MarginHead, VariationHeads
-    from mvcom_tf.models.iresnet import build_iresnet
+    from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
     from mvcom_tf.steps import MarginStep
 
     keras.utils.set_random_seed(0)
     model = build_iresnet(backbone, image_size, 512)
-    head = MarginHead(num_classes)
+    head = MarginHead(num_classes, dtype=float32_if_mixed())
     head.build((None, 512))
     optimizer = keras.optimizers.SGD(0.01, momentum=0.9, weight_decay=5e-4)
     optimizer.build(model.trainable_variables + head.trainable_variables)
@@ -42,21 +51,22 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
 
     batch_data, meta_data = labelled(batch), labelled(meta_batch)
     if kind == "plain":
-        return tf.function(lambda: margin_step(batch_data)), batch
-    heads = VariationHeads()
+        return compile_step(lambda: margin_step(batch_data)), batch
+    heads = VariationHeads(dtype=float32_if_mixed())
     heads.build((None, 512))
     heads_optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
     heads_optimizer.build(heads.trainable_variables)
     meta_step = MetaStep(margin_step, heads, heads_optimizer, tau=1000.0, inner_lr=0.0, residual_max=0.2,
                          scope=kind.removeprefix("meta_"), factor_weights=(1, 1, 1, 1), sampling="random",
                          meta_batch=meta_batch, global_meta_batch=meta_batch)
-    return tf.function(lambda: meta_step(batch_data, meta_data)), batch
+    return compile_step(lambda: meta_step(batch_data, meta_data)), batch
 
 
 def time_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, repeats: int,
-              warmup: int = 2) -> dict:
+              warmup: int = 2, precision: str = "float32", jit_compile: bool = False) -> dict:
     """Median seconds per step after warm-up, and the process's peak resident memory."""
-    step, images = build_step(kind, backbone, image_size, batch, meta_batch)
+    step, images = build_step(kind, backbone, image_size, batch, meta_batch, precision=precision,
+                              jit_compile=jit_compile)
     for _ in range(warmup):
         step()
     seconds = []

@@ -78,6 +78,8 @@ class TrainConfig:
     eval_batch_size: int
     eval_every: int
     nan_policy: str
+    jit_compile: bool
+    mixed_precision: str
     export_dir: str
 
     def schedule(self, stage: str) -> Schedule:

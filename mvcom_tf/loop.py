@@ -28,7 +28,7 @@ from mvcom_tf.evaluation.protocols import run_benchmark
 from mvcom_tf.export import embedding_fn, export_saved_model
 from mvcom_tf.losses.margins import class_aware_margins
 from mvcom_tf.models.heads import MarginHead
-from mvcom_tf.models.iresnet import build_iresnet
+from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
 from mvcom_tf.steps import MarginStep
 
 METRICS_FILE = "metrics.json"
@@ -120,11 +120,13 @@ def build_state(config: TrainConfig, info: DatasetInfo, steps_per_epoch: int, st
     """Backbone, identity head and optimizer, built (variables created) in the current strategy scope."""
     backbone = build_iresnet(config.backbone, config.image_size, config.embedding_size,
                              config.width_multiplier, config.dropout, config.sync_bn)
-    head = MarginHead(info.num_identities, config.loss, config.scale, name="identity_head")
+    head = MarginHead(info.num_identities, config.loss, config.scale, name="identity_head", dtype=float32_if_mixed())
     head.build((None, config.embedding_size))
     optimizer = keras.optimizers.SGD(learning_rate_schedule(config.schedule(stage), steps_per_epoch),
                                      momentum=config.momentum,
                                      weight_decay=config.weight_decay or None)
+    if config.mixed_precision == "float16":  # pretrain stage only (a flag validator says so)
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients underflow unscaled
     optimizer.build(backbone.trainable_variables + head.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -267,10 +269,13 @@ def restore(state: StageState, resume_dir: str, init_checkpoint: str, stage: str
 
 
 class CompiledSteps:
-    """One tf.function per replica callable (the meta stage has two: warm-up and meta step)."""
+    """One tf.function per replica callable (the meta stage has two: warm-up and meta step).
 
-    def __init__(self, strategy: tf.distribute.Strategy) -> None:
-        self.strategy, self.functions = strategy, {}
+    With jit_compile the replica callable itself is compiled by XLA (the input iterator cannot be).
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, jit_compile: bool = False) -> None:
+        self.strategy, self.functions, self.jit_compile = strategy, {}, jit_compile
 
     def __call__(self, replica_fn, iterator, meta_iterator) -> dict[str, tf.Tensor]:
         if replica_fn not in self.functions:
@@ -279,6 +284,8 @@ class CompiledSteps:
 
     def _compile(self, replica_fn):
         strategy = self.strategy
+        if self.jit_compile:
+            replica_fn = tf.function(replica_fn, jit_compile=True)
 
         @tf.function(autograph=False)  # no Python control flow to convert: the branch below is static
         def run(iterator, meta_iterator):
@@ -314,7 +321,7 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
     if int(state.step.numpy()) == 0:
         _log_distributions(writer, {"train_data": info, "meta_data": meta_info})
     failures = DecodeFailures()
-    train_step = CompiledSteps(strategy)
+    train_step = CompiledSteps(strategy, config.jit_compile)
     step = int(state.step.numpy())
     progress = Progress(stage, total_steps, step, writer, trainer)
     logging.info("[%s] %d images, %d identities, %d steps/epoch, training steps %d to %d, %d replica(s)",

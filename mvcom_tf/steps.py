@@ -54,6 +54,8 @@ class MarginStep:
             logits = self.head(embeddings, labels, margins)
             per_sample = identity_loss(logits, labels)
             loss = tf.reduce_sum(per_sample) / self.global_batch
+            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                loss = self.optimizer.scale_loss(loss)  # its apply_gradients unscales (and skips non-finite)
         gradients = tape.gradient(loss, trainable_values + self.head.trainable_variables)
         return per_sample, logits, gradients, statistics
 

@@ -27,6 +27,11 @@ flags.DEFINE_string("meta_data", f"{DEMO_DATA}/meta", "Meta set folder for --sta
 flags.DEFINE_list("eval_data", [f"{DEMO_DATA}/test"], "Benchmarks evaluated after each stage (and every "
                   "--eval_every steps), comma-separated <kind>:<path> as in mvcom_tf.evaluate (kinds bin, pairs, "
                   "rfw, ijb, synthetic; a bare path is a synthetic test split); empty: no evaluation.")
+flags.DEFINE_bool("jit_compile", False, "Compile the training and meta steps with XLA (--strategy=default only: "
+                  "the distributed steps' merge_calls do not compile).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Compute in bfloat16 or float16 "
+                  "with float32 weights (Keras mixed_<dtype> policy); the embedding, margin logits, variation heads "
+                  "and meta-gradient stay float32; float16 adds dynamic loss scaling (pretrain stage only).")
 flags.DEFINE_enum("nan_policy", "stop", ["stop", "skip"], "A NaN or Inf loss: stop (the run ends naming the "
                   "step and the last good checkpoint) or skip (such steps change nothing and are counted).")
 flags.DEFINE_integer("eval_every", 0, "Steps between evaluations during a stage (0: only after it).",
@@ -137,6 +142,13 @@ flags.register_validator("eval_data", lambda v: all(_is_benchmark(spec) for spec
                          f"--eval_data entries must be <kind>:<path> with a kind among {', '.join(KINDS)}, "
                          "or a synthetic test split's folder")
 flags.register_validator("image_size", lambda v: v % 16 == 0, "--image_size must be divisible by 16")
+flags.register_multi_flags_validator(
+    ["mixed_precision", "stage"], lambda f: not (f["mixed_precision"] == "float16" and "meta" in f["stage"]),
+    "--mixed_precision=float16 trains the pretrain stage only (the meta step's second-order gradients are not "
+    "loss-scaled): use --mixed_precision=bfloat16 with --stage=meta")
+flags.register_multi_flags_validator(
+    ["jit_compile", "strategy"], lambda f: not (f["jit_compile"] and f["strategy"] != "default"),
+    "--jit_compile needs --strategy=default (one device per process)")
 flags.register_multi_flags_validator(["margin_min", "margin_max"], lambda f: f["margin_min"] <= f["margin_max"],
                                      "--margin_min must not exceed --margin_max")
 
@@ -171,6 +183,8 @@ def _configure_devices(config: TrainConfig) -> None:
     import keras
 
     keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
 
 
 def _make_demo_data_if_missing(config: TrainConfig) -> None:

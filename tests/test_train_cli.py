@@ -140,3 +140,32 @@ def test_eval_every_logs_verification_during_the_stage(tmp_path, tiny_data):
     assert "step 3: synthetic:test accuracy" in result.stderr
     bad = run_module(["-m", "mvcom_tf.train", "--eval_data=lfw:x.bin", f"--model_dir={tmp_path}/bad"])
     assert bad.returncode != 0 and "--eval_data entries must be <kind>:<path>" in bad.stderr
+
+
+def _trainable_weights(run_dir, stage):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(f"{run_dir}/checkpoints/{stage}"))
+    names = sorted(name for name in reader.get_variable_to_shape_map()
+                   if name.startswith(("backbone/", "head/")) and "moving" not in name)
+    return np.concatenate([reader.get_tensor(name).ravel().astype(np.float64) for name in names])
+
+
+def test_xla_and_bfloat16_steps_follow_the_plain_float32_step(tmp_path, tiny_data):
+    """One pre-training step and one meta step: the weight updates of the XLA and bfloat16 runs point where the
+    plain float32 run's do (an --lr=0 run gives the initial weights)."""
+    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=1",
+            "--stage=pretrain,meta", "--variation_warmup_steps=0", "--weight_decay=0"]
+    weights = {}
+    for name, extra in (("initial", ["--lr=0", "--meta_lr=0"]), ("plain", []), ("xla", ["--jit_compile"]),
+                        ("bf16", ["--mixed_precision=bfloat16"])):
+        result = run_module([*args, *extra, f"--model_dir={tmp_path}/{name}"])
+        assert result.returncode == 0, result.stderr[-2000:]
+        weights[name] = _trainable_weights(f"{tmp_path}/{name}", "meta")
+    update = weights["plain"] - weights["initial"]
+    assert np.linalg.norm(update) > 1e-3
+    for name, least in (("xla", 0.999), ("bf16", 0.98)):
+        other = weights[name] - weights["initial"]
+        cosine = update @ other / (np.linalg.norm(update) * np.linalg.norm(other))
+        assert cosine > least, (name, cosine)
+    refused = run_module(["-m", "mvcom_tf.train", "--mixed_precision=float16", "--stage=pretrain,meta",
+                          f"--model_dir={tmp_path}/fp16"])
+    assert refused.returncode != 0 and "--mixed_precision=float16 trains the pretrain stage only" in refused.stderr

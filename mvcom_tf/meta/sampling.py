@@ -15,9 +15,8 @@ def label_histograms(labels: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     context = tf.distribute.get_replica_context()
     histograms = {}
     for factor in schema.FACTORS:
-        known = labels[factor] >= 0
-        counts = tf.math.bincount(tf.boolean_mask(labels[factor], known), minlength=schema.NUM_CLASSES[factor],
-                                  maxlength=schema.NUM_CLASSES[factor], dtype=tf.float32)
+        # one_hot rather than bincount: unknown labels (-1) give zero rows, and XLA compiles it.
+        counts = tf.reduce_sum(tf.one_hot(labels[factor], schema.NUM_CLASSES[factor], dtype=tf.float32), axis=0)
         if context is not None and context.num_replicas_in_sync > 1:
             counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
         counts += 1.0

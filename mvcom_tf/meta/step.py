@@ -29,7 +29,7 @@ from mvcom_tf.losses.margins import identity_loss, variation_losses
 from mvcom_tf.meta.figure import margin_figure
 from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.models.heads import VariationHeads
-from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX
+from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX, float32_if_mixed
 from mvcom_tf.steps import MarginStep, batch_metrics
 
 META_SCOPES = ("all", "head")
@@ -277,7 +277,7 @@ def residual_sums(residuals: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str
 def build_meta_step(config: TrainConfig, state, class_margins: tf.Tensor, global_batch: int,
                     meta_info: DatasetInfo, num_replicas: int) -> MetaStep:
     """The meta step with its variation heads and their optimizer (call in the strategy scope)."""
-    heads = VariationHeads(name="variation_heads")
+    heads = VariationHeads(name="variation_heads", dtype=float32_if_mixed())
     heads.build((None, config.embedding_size))
     heads_optimizer = keras.optimizers.SGD(config.variation_lr, momentum=config.momentum)
     heads_optimizer.build(heads.trainable_variables)

@@ -42,6 +42,11 @@ class SyncBatchNormalization(layers.BatchNormalization):
         return mean, context.all_reduce("sum", deviations) / count
 
 
+def float32_if_mixed() -> str | None:
+    """"float32" under a mixed-precision global policy (for layers that must keep full precision), else None."""
+    return "float32" if keras.mixed_precision.global_policy().name.startswith("mixed") else None
+
+
 def _batch_norm(name: str, sync: bool, **kwargs) -> layers.Layer:
     layer = SyncBatchNormalization if sync else layers.BatchNormalization
     return layer(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, **kwargs)
@@ -100,8 +105,9 @@ def build_iresnet(
     x = layers.Dropout(dropout, name=f"{OUTPUT_BLOCK_PREFIX}dropout")(x)
     x = layers.Flatten(name=f"{OUTPUT_BLOCK_PREFIX}flatten")(x)
     x = layers.Dense(embedding_size, name=f"{OUTPUT_BLOCK_PREFIX}fc")(x)
-    # insightface fixes this BN's scale at 1 (only the shift is learned).
-    outputs = _batch_norm(f"{OUTPUT_BLOCK_PREFIX}features", sync_bn, scale=False)(x)
+    # insightface fixes this BN's scale at 1 (only the shift is learned). Under mixed precision
+    # the embedding stays float32: the margin logits and the meta-gradient are computed from it.
+    outputs = _batch_norm(f"{OUTPUT_BLOCK_PREFIX}features", sync_bn, scale=False, dtype=float32_if_mixed())(x)
     return keras.Model(inputs, outputs, name=name)
 
 
