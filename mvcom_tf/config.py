@@ -81,6 +81,7 @@ class TrainConfig:
     jit_compile: bool
     mixed_precision: str
     export_dir: str
+    export_tflite: bool
 
     def schedule(self, stage: str) -> Schedule:
         """The pretrain stage follows --epochs/--lr/--lr_steps, the meta stage --meta_epochs/--meta_lr/..."""

@@ -30,3 +30,40 @@ def export_saved_model(backbone: keras.Model, export_dir: str, image_size: int) 
     )
     archive.write_out(export_dir, verbose=False)
     return export_dir
+
+
+TFLITE_VARIANTS = ("float", "int8")
+
+
+def export_tflite(saved_model_dir: str, out_dir: str) -> dict[str, str]:
+    """TFLite models of a SavedModel: `float` (float32) and `int8` (dynamic-range: int8 weights, float
+    activations). Returns {variant: path}; the files are `embedding_<variant>.tflite` in out_dir."""
+    paths = {}
+    tf.io.gfile.makedirs(out_dir)
+    for variant in TFLITE_VARIANTS:
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+        if variant == "int8":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        path = f"{out_dir}/embedding_{variant}.tflite"
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(converter.convert())
+        paths[variant] = path
+    return paths
+
+
+def tflite_embeddings(model_path: str, images) -> "np.ndarray":
+    """Runs a TFLite embedding model image by image (its input has batch size 1)."""
+    import numpy as np
+
+    with tf.io.gfile.GFile(model_path, "rb") as f:
+        interpreter = tf.lite.Interpreter(model_content=f.read())
+    input_detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(input_detail["index"], [1, *images.shape[1:]])
+    interpreter.allocate_tensors()
+    output_index = interpreter.get_output_details()[0]["index"]
+    outputs = []
+    for image in images:
+        interpreter.set_tensor(input_detail["index"], image[None].astype(np.uint8))
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(output_index)[0].copy())
+    return np.stack(outputs)

@@ -112,6 +112,8 @@ flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept per stage.", lower
 flags.DEFINE_integer("log_every", 20, "Steps between progress lines and TensorBoard scalars.", lower_bound=1)
 flags.DEFINE_integer("eval_batch_size", 256, "Batch size of evaluation.", lower_bound=1)
 flags.DEFINE_string("export_dir", "", "SavedModel folder; empty: <model_dir>/export.")
+flags.DEFINE_bool("export_tflite", False, "Also write <export_dir>_tflite/embedding_{float,int8}.tflite (float32, and "
+                  "dynamic-range int8 weights).")
 
 FLAGS = flags.FLAGS
 
