@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data.pipeline import normalize_images
@@ -51,10 +52,8 @@ def export_tflite(saved_model_dir: str, out_dir: str) -> dict[str, str]:
     return paths
 
 
-def tflite_embeddings(model_path: str, images) -> "np.ndarray":
+def tflite_embeddings(model_path: str, images: np.ndarray) -> np.ndarray:
     """Runs a TFLite embedding model image by image (its input has batch size 1)."""
-    import numpy as np
-
     with tf.io.gfile.GFile(model_path, "rb") as f:
         interpreter = tf.lite.Interpreter(model_content=f.read())
     input_detail = interpreter.get_input_details()[0]

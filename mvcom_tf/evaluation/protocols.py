@@ -18,7 +18,6 @@ from mvcom_tf.data import alignment, schema
 from mvcom_tf.data.pipeline import eval_dataset
 from mvcom_tf.data.tfrecord import DatasetError, read_info
 from mvcom_tf.evaluation import formats, ijb, metrics
-from mvcom_tf.evaluation.benchmark_spec import KINDS, benchmark_key, parse_benchmark  # noqa: F401 (re-exported)
 from mvcom_tf.evaluation.verification import best_threshold, embed_images, kfold_accuracy, read_pairs
 
 EmbedFn = Callable[[tf.Tensor], tf.Tensor]
