@@ -49,26 +49,32 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.concatenate([scale * rotation, translation[:, None]], axis=1)
 
 
-def _projective_inverse(matrix: np.ndarray) -> np.ndarray:
-    """The 8 numbers ImageProjectiveTransformV3 wants: output pixel -> input pixel."""
-    full = np.vstack([matrix, [0.0, 0.0, 1.0]])
-    inverse = np.linalg.inv(full)
+def alignment_transform(landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
+    """The 8 numbers ImageProjectiveTransformV3 takes (output pixel -> input pixel) to align a face of
+    these 5 landmarks onto the ArcFace reference scaled to `size`."""
+    matrix = similarity_transform(landmarks, ARCFACE_REFERENCE * (size / ALIGNED_SIZE))
+    inverse = np.linalg.inv(np.vstack([matrix, [0.0, 0.0, 1.0]]))
     return inverse.reshape(-1)[:8].astype(np.float32)
+
+
+def warp(image: tf.Tensor, transform: tf.Tensor, size: int | tf.Tensor) -> tf.Tensor:
+    """Bilinear warp of one float image [H, W, 3] by an alignment_transform to [size, size, 3] (graph op)."""
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None], output_shape=tf.stack([size, size]),
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
 
 
 @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([8], tf.float32),
                               tf.TensorSpec([], tf.int32)])
-def _warp(image: tf.Tensor, transform: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    warped = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.cast(image, tf.float32)[None], transforms=transform[None], output_shape=tf.stack([size, size]),
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    return tf.cast(tf.clip_by_value(tf.round(warped[0]), 0.0, 255.0), tf.uint8)
+def _warp_uint8(image: tf.Tensor, transform: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    warped = warp(tf.cast(image, tf.float32), transform, size)
+    return tf.cast(tf.clip_by_value(tf.round(warped), 0.0, 255.0), tf.uint8)
 
 
 def align_face(image: np.ndarray | tf.Tensor, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> tf.Tensor:
     """Warps a face so its 5 landmarks land on the ArcFace reference (scaled to `size`); uint8 [size, size, 3]."""
-    matrix = similarity_transform(landmarks, ARCFACE_REFERENCE * (size / ALIGNED_SIZE))
-    return _warp(tf.convert_to_tensor(image, tf.uint8), _projective_inverse(matrix), tf.constant(size, tf.int32))
+    return _warp_uint8(tf.convert_to_tensor(image, tf.uint8), alignment_transform(landmarks, size),
+                       tf.constant(size, tf.int32))
 
 
 def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -50,23 +50,19 @@ def encoded_images(encoded: list[bytes], image_size: int, batch_size: int) -> tf
 def file_images(paths: list[str], landmarks: list[np.ndarray | None], image_size: int,
                 batch_size: int) -> tf.data.Dataset:
     """Batches of uint8 faces read from files (streamed), aligned where landmarks are given, else resized."""
-    reference = alignment.ARCFACE_REFERENCE * (image_size / alignment.ALIGNED_SIZE)
     transforms = np.zeros((len(paths), 8), np.float32)
     aligned = np.zeros(len(paths), bool)
     for index, points in enumerate(landmarks):
         if points is not None:
-            matrix = np.vstack([alignment.similarity_transform(points, reference), [0.0, 0.0, 1.0]])
-            transforms[index] = np.linalg.inv(matrix).reshape(-1)[:8]
+            transforms[index] = alignment.alignment_transform(points, image_size)
             aligned[index] = True
 
     def load(path, transform, align):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         image = tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32)
-        warped = tf.raw_ops.ImageProjectiveTransformV3(
-            images=image[None], transforms=transform[None], output_shape=[image_size, image_size],
-            fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-        resized = tf.image.resize(image, [image_size, image_size], antialias=True)
-        return tf.cast(tf.clip_by_value(tf.round(tf.where(align, warped, resized)), 0, 255), tf.uint8)
+        face = tf.cond(align, lambda: alignment.warp(image, transform, image_size),
+                       lambda: tf.image.resize(image, [image_size, image_size], antialias=True))
+        return tf.cast(tf.clip_by_value(tf.round(face), 0, 255), tf.uint8)
 
     for path in paths[:1] + paths[-1:]:
         if not tf.io.gfile.exists(path):

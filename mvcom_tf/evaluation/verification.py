@@ -1,4 +1,4 @@
-"""Face verification: embeddings of image pairs, k-fold accuracy, accuracy per group of each factor."""
+"""Face verification: flip-fused embeddings, exact best thresholds, k-fold accuracy, the synthetic pairs file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import schema
-from mvcom_tf.data.pipeline import eval_dataset
-from mvcom_tf.data.tfrecord import DatasetError, read_info
+from mvcom_tf.data.tfrecord import DatasetError
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -77,30 +76,3 @@ def read_pairs(path: str) -> dict[str, np.ndarray]:
     except ValueError:
         raise DatasetError(f"{path}: every row must have {len(expected)} integers") from None
     return dict(zip(expected, table.T))
-
-
-def evaluate_pairs(embed_fn: Callable[[tf.Tensor], tf.Tensor], data_dir: str, image_size: int,
-                   batch_size: int = 256) -> dict:
-    """Verification on a split with pairs (the synthetic test split): overall and per-group accuracy.
-
-    A group's accuracy is the fraction of its pairs judged right, each pair with the threshold
-    of its fold (chosen on all pairs of the other folds): one decision rule for every group,
-    so a group whose scores sit apart from the rest shows up as a lower accuracy.
-    """
-    info = read_info(data_dir)
-    if "pairs" not in info.extras:
-        raise DatasetError(f"{data_dir}/dataset.json names no pairs file: it is not a verification split")
-    pairs = read_pairs(f"{data_dir}/{info.extras['pairs']}")
-    images = eval_dataset(data_dir, info, batch_size, image_size).map(lambda f: f["image"])
-    embeddings = embed_images(embed_fn, images)
-    if max(pairs["index_a"].max(), pairs["index_b"].max()) >= len(embeddings):
-        raise DatasetError(f"{data_dir}: pairs name image indices beyond its {len(embeddings)} images")
-    scores = np.sum(embeddings[pairs["index_a"]] * embeddings[pairs["index_b"]], axis=-1)
-    result = kfold_accuracy(scores, pairs["same"].astype(bool))
-    groups = {}
-    for factor in schema.FACTORS:
-        labels = pairs[factor]
-        groups[factor] = {str(c): float(np.mean(result.correct[labels == c]))
-                          for c in range(schema.NUM_CLASSES[factor]) if np.any(labels == c)}
-    return {"accuracy": result.accuracy, "accuracy_std": result.std, "num_pairs": int(len(scores)),
-            "groups": groups}
