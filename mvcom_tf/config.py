@@ -82,6 +82,7 @@ class TrainConfig:
     mixed_precision: str
     export_dir: str
     export_tflite: bool
+    export_onnx: bool
 
     def schedule(self, stage: str) -> Schedule:
         """The pretrain stage follows --epochs/--lr/--lr_steps, the meta stage --meta_epochs/--meta_lr/..."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -66,3 +69,47 @@ def tflite_embeddings(model_path: str, images: np.ndarray) -> np.ndarray:
         interpreter.invoke()
         outputs.append(interpreter.get_tensor(output_index)[0].copy())
     return np.stack(outputs)
+
+
+ONNX_VARIANTS = ("float", "int8")
+# ONNX Runtime and TensorRT both run opset 17 (LayerNormalization, all ops this network needs).
+ONNX_OPSET = 17
+
+
+def export_onnx(saved_model_dir: str, out_dir: str) -> dict[str, str]:
+    """ONNX models of a SavedModel's `serving_default` (tf2onnx): `float`, and `int8` with dynamic-range
+    int8 weights (ONNX Runtime's quantizer). Returns {variant: path}: `embedding_<variant>.onnx` in out_dir."""
+    # Imported here: the converters are needed by this export only, and take seconds to import.
+    import tf2onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    loaded = tf.saved_model.load(saved_model_dir)  # kept referenced: the signature uses its variables
+    serving = loaded.signatures["serving_default"]
+    spec = serving.structured_input_signature[1]["images"]
+    model, _ = tf2onnx.convert.from_function(
+        tf.function(lambda images: serving(images=images)),
+        input_signature=[tf.TensorSpec(spec.shape, spec.dtype, name="images")], opset=ONNX_OPSET)
+    paths = {}
+    tf.io.gfile.makedirs(out_dir)
+    # The quantizer reads and writes local files; the results are copied to out_dir (any file system).
+    with tempfile.TemporaryDirectory() as scratch:
+        local = {variant: os.path.join(scratch, f"embedding_{variant}.onnx") for variant in ONNX_VARIANTS}
+        with open(local["float"], "wb") as f:
+            f.write(model.SerializeToString())
+        prepared = os.path.join(scratch, "prepared.onnx")
+        quant_pre_process(local["float"], prepared, skip_symbolic_shape=True)
+        quantize_dynamic(prepared, local["int8"], weight_type=QuantType.QInt8)
+        for variant in ONNX_VARIANTS:
+            paths[variant] = f"{out_dir}/embedding_{variant}.onnx"
+            tf.io.gfile.copy(local[variant], paths[variant], overwrite=True)
+    return paths
+
+
+def onnx_embeddings(model_path: str, images: np.ndarray) -> np.ndarray:
+    """Runs an ONNX embedding model with ONNX Runtime on CPU: uint8 images [B, H, W, 3] -> [B, E]."""
+    import onnxruntime
+
+    with tf.io.gfile.GFile(model_path, "rb") as f:
+        session = onnxruntime.InferenceSession(f.read(), providers=["CPUExecutionProvider"])
+    return session.run(["embedding"], {"images": images.astype(np.uint8)})[0]

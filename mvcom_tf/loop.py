@@ -25,7 +25,7 @@ from mvcom_tf.data.synthesis import VariationSynthesis
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, read_info, write_json
 from mvcom_tf.evaluation.benchmark_spec import benchmark_key, parse_benchmark
 from mvcom_tf.evaluation.protocols import run_benchmark
-from mvcom_tf.export import embedding_fn, export_saved_model, export_tflite
+from mvcom_tf.export import embedding_fn, export_onnx, export_saved_model, export_tflite
 from mvcom_tf.losses.margins import class_aware_margins
 from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
@@ -496,5 +496,7 @@ def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute
         export_saved_model(single_device_copy(config, state.backbone), export_dir, config.image_size)
         if config.export_tflite:
             metrics["tflite"] = export_tflite(export_dir, f"{export_dir}_tflite")
+        if config.export_onnx:
+            metrics["onnx"] = export_onnx(export_dir, f"{export_dir}_onnx")
         write_json(posixpath.join(config.model_dir, METRICS_FILE), metrics)
     return metrics

@@ -114,6 +114,8 @@ flags.DEFINE_integer("eval_batch_size", 256, "Batch size of evaluation.", lower_
 flags.DEFINE_string("export_dir", "", "SavedModel folder; empty: <model_dir>/export.")
 flags.DEFINE_bool("export_tflite", False, "Also write <export_dir>_tflite/embedding_{float,int8}.tflite (float32, and "
                   "dynamic-range int8 weights).")
+flags.DEFINE_bool("export_onnx", False, "Also write <export_dir>_onnx/embedding_{float,int8}.onnx (tf2onnx, opset "
+                  "17; int8: dynamic-range int8 weights).")
 
 FLAGS = flags.FLAGS
 

@@ -1,28 +1,43 @@
-"""TFLite exports (float32 and dynamic-range int8) against the SavedModel, on synthetic test faces."""
+"""TFLite and ONNX exports (float32 and dynamic-range int8) against the SavedModel, on synthetic test faces."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mvcom_tf.data.tfrecord import iterate_records
-from mvcom_tf.export import export_saved_model, export_tflite, tflite_embeddings
+from mvcom_tf.export import (export_onnx, export_saved_model, export_tflite, onnx_embeddings,
+                             tflite_embeddings)
 from mvcom_tf.models.iresnet import build_iresnet
 
+FORMATS = {"tflite": (export_tflite, tflite_embeddings), "onnx": (export_onnx, onnx_embeddings)}
 
-def test_tflite_embeddings_match_the_saved_model(tmp_path, tiny_data):
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tiny_data):
+    """A tiny backbone with trained-looking BatchNorm statistics, exported, and test faces."""
     tf.keras.utils.set_random_seed(5)
     backbone = build_iresnet("iresnet18", 32, 16, width_multiplier=0.25)
-    for variable in backbone.non_trainable_variables:  # trained-looking BatchNorm statistics
+    for variable in backbone.non_trainable_variables:
         variable.assign(np.random.default_rng(1).uniform(0.5, 1.5, variable.shape).astype(np.float32))
-    export_saved_model(backbone, str(tmp_path / "export"), 32)
-    paths = export_tflite(str(tmp_path / "export"), str(tmp_path / "export_tflite"))
+    folder = tmp_path_factory.mktemp("formats")
+    export_saved_model(backbone, str(folder / "export"), 32)
     images = np.stack([tf.io.decode_png(r.image).numpy() for _, r in zip(range(24), iterate_records(
         str(tiny_data / "test")))])
-    serving = tf.saved_model.load(str(tmp_path / "export")).signatures["serving_default"]
+    return folder, images
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_exported_embeddings_match_the_saved_model(saved_model, name):
+    folder, images = saved_model
+    export, embed = FORMATS[name]
+    paths = export(str(folder / "export"), str(folder / f"export_{name}"))
+    serving = tf.saved_model.load(str(folder / "export")).signatures["serving_default"]
     reference = serving(images=tf.constant(images))["embedding"].numpy()
     for variant, least in (("float", 0.9999), ("int8", 0.99)):
-        embeddings = tflite_embeddings(paths[variant], images)
+        embeddings = embed(paths[variant], images)
+        assert embeddings.shape == reference.shape
         cosine = np.sum(embeddings * reference, axis=1) / (
             np.linalg.norm(embeddings, axis=1) * np.linalg.norm(reference, axis=1))
         assert cosine.min() > least, (variant, cosine.min())
-    assert (tmp_path / "export_tflite" / "embedding_int8.tflite").stat().st_size < \
-        (tmp_path / "export_tflite" / "embedding_float.tflite").stat().st_size / 2
+    sizes = {variant: tf.io.gfile.stat(path).length for variant, path in paths.items()}
+    assert sizes["int8"] < sizes["float"] / 2, sizes

@@ -124,9 +124,11 @@ def test_saved_model_loads_without_mvcom_tf_and_matches(tmp_path):
 
 
 def test_eval_every_logs_verification_during_the_stage(tmp_path, tiny_data):
+    """Also: --export_tflite and --export_onnx write their files beside the SavedModel."""
     run_dir = tmp_path / "run"
     result = run_module(["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--max_steps=6", "--epochs=3",
-                         "--eval_every=3", f"--eval_data=synthetic:{tiny_data}/test", f"--model_dir={run_dir}"])
+                         "--eval_every=3", f"--eval_data=synthetic:{tiny_data}/test", f"--model_dir={run_dir}",
+                         "--export_tflite", "--export_onnx"])
     assert result.returncode == 0, result.stderr[-2000:]
     steps = {}
     for path in tf.io.gfile.glob(f"{run_dir}/tensorboard/pretrain/events.*"):
@@ -138,6 +140,11 @@ def test_eval_every_logs_verification_during_the_stage(tmp_path, tiny_data):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["benchmarks"]["synthetic:test"]["accuracy"] == metrics["accuracy"]
     assert "step 3: synthetic:test accuracy" in result.stderr
+    for name, suffix in (("tflite", "tflite"), ("onnx", "onnx")):
+        assert metrics[name] == {variant: f"{run_dir}/export_{name}/embedding_{variant}.{suffix}"
+                                 for variant in ("float", "int8")}
+        assert all((run_dir / f"export_{name}" / f"embedding_{variant}.{suffix}").stat().st_size > 10_000
+                   for variant in ("float", "int8"))
     bad = run_module(["-m", "mvcom_tf.train", "--eval_data=lfw:x.bin", f"--model_dir={tmp_path}/bad"])
     assert bad.returncode != 0 and "--eval_data entries must be <kind>:<path>" in bad.stderr
 
