@@ -79,6 +79,7 @@ class TrainConfig:
     eval_every: int
     nan_policy: str
     jit_compile: bool
+    steps_per_execution: int
     mixed_precision: str
     export_dir: str
     export_tflite: bool

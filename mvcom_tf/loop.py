@@ -272,23 +272,29 @@ class CompiledSteps:
     """One tf.function per replica callable (the meta stage has two: warm-up and meta step).
 
     With jit_compile the replica callable itself is compiled by XLA (the input iterator cannot be).
+    With steps_per_execution > 1 a call runs `steps` steps in a tf.while_loop and returns their
+    summed metrics (per-sample values: the last step's).
     """
 
-    def __init__(self, strategy: tf.distribute.Strategy, jit_compile: bool = False) -> None:
+    def __init__(self, strategy: tf.distribute.Strategy, jit_compile: bool = False,
+                 steps_per_execution: int = 1) -> None:
         self.strategy, self.functions, self.jit_compile = strategy, {}, jit_compile
+        self.steps_per_execution = steps_per_execution
 
-    def __call__(self, replica_fn, iterator, meta_iterator) -> dict[str, tf.Tensor]:
+    def __call__(self, replica_fn, iterator, meta_iterator, steps: int = 1) -> dict[str, tf.Tensor]:
         if replica_fn not in self.functions:
             self.functions[replica_fn] = self._compile(replica_fn)
-        return self.functions[replica_fn](iterator, meta_iterator)
+        if self.steps_per_execution == 1:
+            return self.functions[replica_fn](iterator, meta_iterator)
+        # A tensor, so that the shorter calls before a log or checkpoint step do not retrace.
+        return self.functions[replica_fn](iterator, meta_iterator, tf.constant(steps, tf.int32))
 
     def _compile(self, replica_fn):
         strategy = self.strategy
         if self.jit_compile:
             replica_fn = tf.function(replica_fn, jit_compile=True)
 
-        @tf.function(autograph=False)  # no Python control flow to convert: the branch below is static
-        def run(iterator, meta_iterator):
+        def one_step(iterator, meta_iterator):
             batch = next(iterator)
             meta_batch = next(meta_iterator) if meta_iterator is not None else None
             per_replica = strategy.run(replica_fn, args=(batch, meta_batch))
@@ -296,7 +302,33 @@ class CompiledSteps:
                     else strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                     for key, value in per_replica.items()}
 
+        if self.steps_per_execution == 1:
+            return tf.function(one_step, autograph=False)  # no Python control flow to convert
+
+        @tf.function(autograph=False)
+        def run(iterator, meta_iterator, steps):
+            # The first step outside the loop gives the metrics' structure and shapes.
+            def body(index, totals):
+                metrics = one_step(iterator, meta_iterator)
+                return index + 1, {key: value if key.startswith(VALUES) else totals[key] + value
+                                   for key, value in metrics.items()}
+
+            _, totals = tf.while_loop(lambda index, totals: index < steps, body,
+                                      (tf.constant(1), one_step(iterator, meta_iterator)))
+            return totals
+
         return run
+
+
+def execution_length(config: TrainConfig, trainer, step: int, last: int) -> int:
+    """Steps the next call may run from `step`: at most --steps_per_execution, up to `last` (end of the
+    epoch or stage), stopping at the next step that logs, saves or evaluates, and where the step
+    object changes (the meta stage's warm-up)."""
+    length = min(config.steps_per_execution, last - step)
+    every = [config.log_every, config.checkpoint_every, config.eval_every if config.eval_data else 0]
+    length = min([length] + [period - step % period for period in every if period])
+    replica_fn = trainer.for_step(step)
+    return next((k for k in range(1, length) if trainer.for_step(step + k) is not replica_fn), length)
 
 
 def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str,
@@ -321,7 +353,7 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
     if int(state.step.numpy()) == 0:
         _log_distributions(writer, {"train_data": info, "meta_data": meta_info})
     failures = DecodeFailures()
-    train_step = CompiledSteps(strategy, config.jit_compile)
+    train_step = CompiledSteps(strategy, config.jit_compile, config.steps_per_execution)
     step = int(state.step.numpy())
     progress = Progress(stage, total_steps, step, writer, trainer)
     logging.info("[%s] %d images, %d identities, %d steps/epoch, training steps %d to %d, %d replica(s)",
@@ -337,12 +369,15 @@ def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy,
             pool = config.meta_batch_size * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
             meta_iterator = distributed_batches(strategy, config.meta_data, meta_info, config, pool, epoch, offset,
                                                 failures, config.seed + 1)
-        for _ in range(offset, min(steps_per_epoch, offset + total_steps - step)):
-            metrics = train_step(trainer.for_step(step), iterator, meta_iterator)
-            check_finite(metrics, stage, step + 1, manager)
-            skipped += int(float(metrics.get("skipped", 0.0)) > 0)
+        last = min(step - offset + steps_per_epoch, total_steps)
+        while step < last:
+            count = execution_length(config, trainer, step, last)
+            metrics = train_step(trainer.for_step(step), iterator, meta_iterator, count)
+            check_finite(metrics, stage, step, count, manager)
+            # Every replica of a skipped step reports 1.
+            skipped += round(float(metrics.get("skipped", 0.0)) / strategy.num_replicas_in_sync)
             progress.add(metrics)
-            step += 1
+            step += count
             state.step.assign(step)
             state.epoch.assign(step // steps_per_epoch)
             if step % config.log_every == 0 or step == total_steps:
@@ -387,15 +422,16 @@ def _headline(result: dict) -> str:
     return ", ".join(f"TAR@FAR={far} {tar:.4f}" for far, tar in result.get("tar_at_far", {}).items())
 
 
-def check_finite(metrics: dict, stage: str, step: int, manager: tf.train.CheckpointManager) -> None:
-    """--nan_policy=stop: a NaN or Inf loss ends the run before anything of this step is saved."""
+def check_finite(metrics: dict, stage: str, first: int, count: int, manager: tf.train.CheckpointManager) -> None:
+    """--nan_policy=stop: a NaN or Inf loss in the steps after `first` ends the run before any of them is saved."""
     if "loss" not in metrics:  # the heads-only warm-up reports no identity loss
         return
     loss = float(metrics["loss"])
     if math.isfinite(loss):
         return
+    steps = f"step {first + 1}" if count == 1 else f"one of steps {first + 1}-{first + count}"
     last = manager.latest_checkpoint or "none (the stage had not saved one yet)"
-    raise NonFiniteLoss(f"[{stage}] the loss is {loss} at step {step}; nothing of this step was saved. The last "
+    raise NonFiniteLoss(f"[{stage}] the loss is {loss} at {steps}; nothing of this step was saved. The last "
                         f"good checkpoint, {last}, is kept, and re-running resumes from it. Lower --lr, or use "
                         "--nan_policy=skip to skip such steps")
 

@@ -29,6 +29,10 @@ flags.DEFINE_list("eval_data", [f"{DEMO_DATA}/test"], "Benchmarks evaluated afte
                   "rfw, ijb, synthetic; a bare path is a synthetic test split); empty: no evaluation.")
 flags.DEFINE_bool("jit_compile", False, "Compile the training and meta steps with XLA (--strategy=default only: "
                   "the distributed steps' merge_calls do not compile).")
+flags.DEFINE_integer("steps_per_execution", 1, "Training steps per call of the compiled step (a tf.while_loop "
+                     "inside one tf.function, as Keras' compile(steps_per_execution=...)), so that small steps are "
+                     "not dominated by Python dispatch. Calls end at every step where the loop logs, saves, "
+                     "evaluates or changes epoch, so runs take the same steps with any value.", lower_bound=1)
 flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Compute in bfloat16 or float16 "
                   "with float32 weights (Keras mixed_<dtype> policy); the embedding, margin logits, variation heads "
                   "and meta-gradient stay float32; float16 adds dynamic loss scaling (pretrain stage only).")

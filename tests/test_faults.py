@@ -79,7 +79,8 @@ def test_a_nan_batch_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_
     weights = final_weights(f"{tmp_path}/stop", 4)
     assert all(np.all(np.isfinite(value)) for value in weights.values() if value.dtype.kind == "f")
 
-    skipped = run_module([*args, "--nan_policy=skip", f"--model_dir={tmp_path}/skip"],
+    # Two steps per call: the poisoned step shares its call with a good one.
+    skipped = run_module([*args, "--nan_policy=skip", "--steps_per_execution=2", f"--model_dir={tmp_path}/skip"],
                          env={"MVCOM_TF_POISON_STEP": "5"})
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "1 steps with a non-finite loss or gradient skipped so far" in skipped.stderr

@@ -1,0 +1,78 @@
+"""--steps_per_execution: several steps in one tf.function call take the steps of one step per call."""
+
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mvcom_tf.loop import VALUES, CompiledSteps, execution_length
+from test_meta import build, make_batches
+
+STEPS = 3
+
+
+def dataset_of(batches):
+    """The batches, in order, as a dataset of batches."""
+    stacked = {key: tf.concat([batch[key] for batch in batches], axis=0) for key in batches[0]}
+    size = int(batches[0]["image"].shape[0])
+    return tf.data.Dataset.from_tensor_slices(stacked).batch(size)
+
+
+def run(kind, steps_per_execution, batches):
+    """STEPS steps of the margin step or the meta step, in calls of steps_per_execution; weights and metrics."""
+    strategy = tf.distribute.get_strategy()
+    # Scope `head`: the loop is the same for either scope, and this graph traces in a fraction of the time.
+    meta_step = build(strategy, scope="head")
+    step_fn = meta_step if kind == "meta" else meta_step.margin_step
+    compiled = CompiledSteps(strategy, steps_per_execution=steps_per_execution)
+    iterator = iter(dataset_of([batch for batch, _ in batches]))
+    meta_iterator = iter(dataset_of([meta for _, meta in batches])) if kind == "meta" else None
+    calls = [compiled(step_fn, iterator, meta_iterator, steps_per_execution)
+             for _ in range(STEPS // steps_per_execution)]
+    model = meta_step.margin_step
+    weights = model.backbone.get_weights() + model.head.get_weights() + meta_step.heads.get_weights()
+    return weights, calls
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "meta"])
+def test_one_call_of_three_steps_equals_three_calls(float64, kind):
+    batches = [make_batches(seed) for seed in range(STEPS)]
+    looped, (summed,) = run(kind, STEPS, batches)
+    stepped, calls = run(kind, 1, batches)
+    initial = build(tf.distribute.get_strategy())
+    moved = initial.margin_step.backbone.get_weights()
+    assert max(np.max(np.abs(a - b)) for a, b in zip(stepped, moved)) > 1e-3
+    for a, b in zip(looped, stepped):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert set(summed) == set(calls[0])
+    for key, value in summed.items():
+        # Sums over the call's steps, except per-sample values: the last step's.
+        expected = calls[-1][key] if key.startswith(VALUES) else sum(call[key] for call in calls)
+        np.testing.assert_allclose(value, expected, rtol=1e-10, err_msg=key)
+
+
+class Warmup:
+    """A step object whose callable changes after `warmup_steps`, like the meta stage's."""
+
+    def __init__(self, warmup_steps):
+        self.warmup_steps = warmup_steps
+
+    def for_step(self, step):
+        return "warmup" if step < self.warmup_steps else "meta"
+
+
+@pytest.mark.parametrize("step,last,warmup,expected", [
+    (0, 100, 0, 8),    # --steps_per_execution
+    (8, 100, 0, 2),    # up to the checkpoint at 10
+    (10, 100, 0, 5),   # up to the log step at 15
+    (15, 17, 0, 2),    # up to the end of the epoch
+    (0, 100, 3, 3),    # up to the end of the warm-up
+    (3, 100, 3, 7),
+])
+def test_calls_end_where_the_loop_has_work(step, last, warmup, expected):
+    config = types.SimpleNamespace(steps_per_execution=8, log_every=15, checkpoint_every=10, eval_every=12,
+                                   eval_data=())
+    assert execution_length(config, Warmup(warmup), step, last) == expected
+    with_eval = types.SimpleNamespace(**{**vars(config), "eval_data": ("synthetic:x",)})
+    assert execution_length(with_eval, Warmup(0), 8, 100) == 2 and execution_length(with_eval, Warmup(0), 10, 100) == 2
