@@ -54,3 +54,61 @@ def test_tiny_iresnet_trains():
             loss = loss_value()
         optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
     assert float(loss_value()) < 0.5 * first
+
+
+def _pair_of_layers(rank, scale=True):
+    """A FusedBatchNormalization and a Keras BatchNormalization with the same (non-trivial) weights."""
+    import keras
+
+    from mvcom_tf.models.iresnet import FusedBatchNormalization
+
+    shape = (None, 5, 5, 6) if rank == 4 else (None, 6)
+    fused = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, scale=scale)
+    plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, scale=scale)
+    rng = np.random.default_rng(0)
+    for layer in (fused, plain):
+        layer.build(shape)
+    for a, b in zip(fused.weights, plain.weights):
+        value = rng.uniform(0.5, 1.5, a.shape).astype(np.float32)
+        a.assign(value)
+        b.assign(value)
+    return fused, plain
+
+
+@pytest.mark.parametrize("rank,scale", [(4, True), (2, False)])
+def test_fused_batch_norm_equals_keras_to_second_order(rank, scale):
+    """Outputs, moving statistics, gradients, and the second-order product the meta step takes through them."""
+    fused, plain = _pair_of_layers(rank, scale)
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(2.0, 3.0, (4, 5, 5, 6) if rank == 4 else (12, 6)), tf.float32)
+    probe = tf.constant(rng.normal(size=x.shape), tf.float32)
+    direction = tf.constant(rng.normal(size=x.shape), tf.float32)
+    results = {}
+    for name, layer in (("fused", fused), ("plain", plain)):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(tf.sin(y) * probe)
+            grads = inner.gradient(loss, [x, *layer.trainable_variables])
+            second = tf.reduce_sum(grads[0] * direction)
+        results[name] = [y, *grads, outer.gradient(second, x), *layer.non_trainable_variables]
+    assert len(results["fused"]) == len(results["plain"])
+    for a, b in zip(results["fused"], results["plain"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+    # Inference uses the moving statistics (Keras' own path).
+    np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_batch_norm_keeps_bfloat16_activations():
+    import keras
+
+    from mvcom_tf.models.iresnet import FusedBatchNormalization
+
+    layer = FusedBatchNormalization(dtype="mixed_bfloat16")
+    x = tf.constant(np.random.default_rng(2).normal(1.0, 2.0, (4, 5, 5, 6)), tf.float32)
+    y = layer(x, training=True)
+    assert y.dtype == tf.bfloat16 and layer.moving_mean.dtype == tf.float32
+    reference = keras.layers.BatchNormalization()(x, training=True)
+    np.testing.assert_allclose(tf.cast(y, tf.float32), reference, atol=0.05)
