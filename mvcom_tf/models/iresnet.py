@@ -42,43 +42,13 @@ class SyncBatchNormalization(layers.BatchNormalization):
         return mean, context.all_reduce("sum", deviations) / count
 
 
-@keras.saving.register_keras_serializable(package="mvcom_tf")
-class FusedBatchNormalization(layers.BatchNormalization):
-    """BatchNormalization whose training pass is TensorFlow's fused kernel (FusedBatchNormV3).
-
-    Keras 3 normalises with separate moment, subtract, scale and shift ops (and, under mixed
-    precision, casts every activation to float32 and back); the fused kernel and its fused
-    gradient make the IResNet training step 8-35% faster on CPU (README, "Figures"), and keep
-    bfloat16 activations in bfloat16. The moving statistics are those of Keras' layer (biased
-    batch variance). float64 (which the kernel does not take) and inference use Keras' path.
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        fusable = inputs.dtype in (tf.float32, tf.bfloat16, tf.float16) and len(inputs.shape) in (2, 4)
-        if not (training and self.trainable and fusable) or mask is not None or self.axis != [len(inputs.shape) - 1]:
-            return super().call(inputs, training=training, mask=mask)
-        x = inputs if len(inputs.shape) == 4 else inputs[:, None, None, :]
-        channels = x.shape[-1]
-        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels], tf.float32)
-        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels], tf.float32)
-        outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=self.epsilon,
-                                                                   is_training=True)
-        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-        variance = unbiased * (count - 1.0) / count  # the kernel returns the unbiased one
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        if len(inputs.shape) == 2:
-            outputs = outputs[:, 0, 0, :]
-        return tf.cast(outputs, self.compute_dtype)
-
-
 def float32_if_mixed() -> str | None:
     """"float32" under a mixed-precision global policy (for layers that must keep full precision), else None."""
     return "float32" if keras.mixed_precision.global_policy().name.startswith("mixed") else None
 
 
 def _batch_norm(name: str, sync: bool, **kwargs) -> layers.Layer:
-    layer = SyncBatchNormalization if sync else FusedBatchNormalization
+    layer = SyncBatchNormalization if sync else layers.BatchNormalization
     return layer(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, **kwargs)
 
 
