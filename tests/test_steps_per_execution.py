@@ -35,7 +35,7 @@ def run(kind, steps_per_execution, batches):
     return weights, calls
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "meta"])
+@pytest.mark.parametrize("kind", ["meta"])  # the margin step's calls: test_faults.py's skip drill
 def test_one_call_of_three_steps_equals_three_calls(float64, kind):
     batches = [make_batches(seed) for seed in range(STEPS)]
     looped, (summed,) = run(kind, STEPS, batches)

@@ -1,5 +1,6 @@
 """The training command end to end, in fresh processes: bad flags, kill and resume, the demo, the SavedModel."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -161,11 +162,15 @@ def test_xla_and_bfloat16_steps_follow_the_plain_float32_step(tmp_path, tiny_dat
     plain float32 run's do (an --lr=0 run gives the initial weights)."""
     args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=1",
             "--stage=pretrain,meta", "--variation_warmup_steps=0", "--weight_decay=0"]
+    runs = {"initial": ["--lr=0", "--meta_lr=0"], "plain": [], "xla": ["--jit_compile"],
+            "bf16": ["--mixed_precision=bfloat16"]}
+    # Two runs at a time: tracing and XLA compilation, most of each run here, use one core.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(runs, pool.map(lambda item: run_module([*args, *item[1], f"--model_dir={tmp_path}/{item[0]}"]),
+                                          runs.items())))
     weights = {}
-    for name, extra in (("initial", ["--lr=0", "--meta_lr=0"]), ("plain", []), ("xla", ["--jit_compile"]),
-                        ("bf16", ["--mixed_precision=bfloat16"])):
-        result = run_module([*args, *extra, f"--model_dir={tmp_path}/{name}"])
-        assert result.returncode == 0, result.stderr[-2000:]
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.stderr[-2000:])
         weights[name] = _trainable_weights(f"{tmp_path}/{name}", "meta")
     update = weights["plain"] - weights["initial"]
     assert np.linalg.norm(update) > 1e-3
