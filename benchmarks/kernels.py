@@ -1,11 +1,11 @@
 """What TensorFlow's own convolution kernels allow: the IResNet step's convolutions timed alone.
 
-    python benchmarks/kernels.py [--backbone=iresnet100 --image_size=112 --batch=8 --repeats=5]
+    python benchmarks/kernels.py [--backbone=iresnet100 --image_size=112 --batch=8 --repeats=7]
 
 Every distinct convolution of the backbone (shape, kernel, stride) is timed forward, and forward
 plus both backward kernels (input and filter gradients), at the training batch, in float32 and
-bfloat16, the fastest of --repeats calls; times are multiplied by how often each occurs. The sum is the step's convolution time,
-a floor under the whole step (which adds BatchNorm, PReLU, the head and the optimizer), and its
+bfloat16, the fastest of --repeats calls; times are multiplied by how often each occurs. The sum
+is the step's convolution time, a floor under the whole step (which adds BatchNorm, PReLU, the head and the optimizer), and its
 images/s a ceiling for the training step. A large float32 matmul is timed as well, for the
 machine's reachable peak. Prints a table, then one JSON line.
 """
@@ -16,11 +16,12 @@ import collections
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
+
+from benchmarks.steps import call_seconds
 
 flags.DEFINE_string("backbone", "iresnet100", "Backbone whose convolutions are timed.")
 flags.DEFINE_integer("image_size", 112, "Image size.")
@@ -31,13 +32,7 @@ FLAGS = flags.FLAGS
 
 def best_seconds(fn, repeats: int) -> float:
     """The fastest of `repeats` calls: a ceiling needs the kernel's best, not the machine's noise."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(call_seconds(fn, repeats))
 
 
 def main(argv):
@@ -51,7 +46,7 @@ def main(argv):
     shapes = collections.Counter()
     for layer in model.layers:
         if isinstance(layer, keras.layers.Conv2D):
-            _, height, width, channels = layer.input.shape
+            _, height, _, channels = layer.input.shape
             shapes[(height, channels, layer.filters, layer.kernel_size[0], layer.strides[0], layer.padding)] += 1
     flops_per_step = 0.0
     seconds = {}

@@ -62,18 +62,24 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
     return compile_step(lambda: meta_step(batch_data, meta_data)), batch
 
 
+def call_seconds(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def time_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, repeats: int,
               warmup: int = 2, precision: str = "float32", jit_compile: bool = False) -> dict:
     """Median seconds per step after warm-up, and the process's peak resident memory."""
     step, images = build_step(kind, backbone, image_size, batch, meta_batch, precision=precision,
                               jit_compile=jit_compile)
-    for _ in range(warmup):
-        step()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
+    seconds = call_seconds(step, repeats, warmup)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     median = statistics.median(seconds)
     return {"kind": kind, "seconds": median, "images_per_s": images / median, "peak_mb": peak_mb,
