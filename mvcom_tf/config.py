@@ -64,6 +64,7 @@ class TrainConfig:
     meta_pool_factor: int
     variation_warmup_steps: int
     variation_lr: float
+    oracle_margin_deltas: tuple[float, ...]
     # The run.
     stage: tuple[str, ...]
     model_dir: str

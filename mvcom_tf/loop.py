@@ -251,7 +251,7 @@ def build_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strateg
 
         meta_info = check_data(config.meta_data, "meta_data", config)
         step = build_meta_step(config, state, class_margins, config.batch_size, meta_info,
-                               strategy.num_replicas_in_sync)
+                               strategy.num_replicas_in_sync, info)
         return state, step, meta_info
 
 

@@ -14,14 +14,17 @@ class MarginStep:
 
     `class_margins[y]` is each identity's margin (constant for CosFace pre-training, the
     class-aware prior in the meta stage, which adds its residuals and reuses `forward`,
-    `apply` and the head). Losses are summed and divided by the global batch, so that the
+    `apply` and the head); `factor_offsets[k][c]`, if given, is added for samples of class c
+    of factor k (the bias study's oracle arm). Losses are summed and divided by the global batch, so that the
     gradients that MirroredStrategy sums over replicas are those of the global mean.
     """
 
     def __init__(self, backbone: keras.Model, head: MarginHead, optimizer: keras.optimizers.Optimizer,
-                 class_margins: tf.Tensor, global_batch: int, skip_nonfinite: bool = False) -> None:
+                 class_margins: tf.Tensor, global_batch: int, skip_nonfinite: bool = False,
+                 factor_offsets: dict[str, tf.Tensor] | None = None) -> None:
         self.backbone, self.head, self.optimizer = backbone, head, optimizer
         self.class_margins = class_margins
+        self.factor_offsets = factor_offsets or {}
         self.global_batch = global_batch
         self.skip_nonfinite = skip_nonfinite
 
@@ -29,9 +32,13 @@ class MarginStep:
     def variables(self) -> list:
         return self.backbone.trainable_variables + self.head.trainable_variables
 
-    def margins(self, labels: tf.Tensor) -> tf.Tensor:
-        """Each sample's margin from its identity."""
-        return tf.gather(self.class_margins, labels)
+    def margins(self, batch: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Each sample's margin: its identity's, plus the offsets of its variation classes (unknown adds 0)."""
+        margins = tf.gather(self.class_margins, batch["identity"])
+        for factor, offsets in self.factor_offsets.items():
+            labels = batch[factor]
+            margins += tf.where(labels >= 0, tf.gather(offsets, tf.maximum(labels, 0)), tf.zeros_like(margins))
+        return margins
 
     def forward(self, images, trainable_values=None):
         """Embeddings at the current (or given) trainable values, and the BatchNorm statistics they produce.
@@ -87,7 +94,7 @@ class MarginStep:
 
     def __call__(self, batch: dict[str, tf.Tensor], meta_batch=None) -> dict[str, tf.Tensor]:
         labels = batch["identity"]
-        margins = self.margins(labels)
+        margins = self.margins(batch)
         per_sample, logits, gradients, statistics = self.losses_and_gradients(batch["image"], labels, margins)
         applied = self.update(gradients, statistics, per_sample)
         return batch_metrics(per_sample, logits, labels, margins, applied if self.skip_nonfinite else None)

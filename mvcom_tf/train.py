@@ -98,6 +98,10 @@ flags.DEFINE_integer("variation_warmup_steps", 20, "Meta stage: steps that train
                      lower_bound=0)
 flags.DEFINE_float("variation_lr", 0.01, "Learning rate of the variation heads (SGD, same momentum).",
                    lower_bound=0.0)
+flags.DEFINE_list("oracle_margin_deltas", ["0", "0", "0", "0"], "Meta stage, a reference for the bias study "
+                  "(benchmarks/bias.py), not a method: add delta_k to a sample's margin when its ground-truth class "
+                  "of factor k (pose, occlusion, blur, ethnicity) is not that factor's most frequent class in "
+                  "--train_data; use with --meta_lr_tau=0.")
 # The run.
 flags.DEFINE_list("stage", ["pretrain", "meta"], "Stages to run in order: pretrain (CosFace), meta (MvCoM).")
 flags.DEFINE_string("model_dir", "runs/demo", "Run folder: checkpoints/, tensorboard/, flags.txt, metrics.json, "
@@ -144,6 +148,8 @@ flags.register_validator("lr_steps", _float_list, "--lr_steps must be a comma-se
 flags.register_validator("meta_lr_steps", _float_list, "--meta_lr_steps must be a comma-separated list of epochs")
 flags.register_validator("factor_weights", lambda v: _float_list(v) and len(v) == 4,
                          "--factor_weights must be 4 numbers (pose, occlusion, blur, ethnicity)")
+flags.register_validator("oracle_margin_deltas", lambda v: _float_list(v) and len(v) == 4,
+                         "--oracle_margin_deltas must be 4 numbers (pose, occlusion, blur, ethnicity)")
 flags.register_validator("stage", lambda v: bool(v) and all(s in STAGES for s in v) and len(set(v)) == len(v),
                          f"--stage must list some of {', '.join(STAGES)}, each once")
 flags.register_validator("eval_data", lambda v: all(_is_benchmark(spec) for spec in v),
@@ -167,6 +173,7 @@ def config_from_flags() -> TrainConfig:
     values["lr_steps"] = tuple(float(v) for v in FLAGS.lr_steps)
     values["meta_lr_steps"] = tuple(float(v) for v in FLAGS.meta_lr_steps)
     values["factor_weights"] = tuple(float(v) for v in FLAGS.factor_weights)
+    values["oracle_margin_deltas"] = tuple(float(v) for v in FLAGS.oracle_margin_deltas)
     values["stage"] = tuple(FLAGS.stage)
     values["eval_data"] = tuple(FLAGS.eval_data)
     values["meta_batch_size"] = FLAGS.meta_batch_size or FLAGS.batch_size

@@ -91,7 +91,7 @@ def residuals_under(strategy, meta_step, batch, meta):
     @tf.function
     def run(b, m):
         def fn(b, m):
-            prior = meta_step.margin_step.margins(b["identity"])
+            prior = meta_step.margin_step.margins(b)
             return meta_step.residuals(b, m, prior, meta_step.meta_features(m))[0]
         return strategy.run(fn, args=(b, m))
 
@@ -129,7 +129,7 @@ def test_residual_update_is_minus_tau_times_the_finite_difference(float64, strat
     meta_step = build(strategy, scope=scope, tau=1.0, sync_bn=sync_bn)
     batch, meta = make_batches()
     residuals = residuals_under(strategy, meta_step, batch, meta)
-    prior = meta_step.margin_step.margins(batch["identity"]).numpy()
+    prior = meta_step.margin_step.margins(batch).numpy()
     epsilon = 1e-4
     for j in (0, 3, 6):
         up, down = prior.copy(), prior.copy()

@@ -24,10 +24,12 @@ from mvcom_tf.data import schema
 from mvcom_tf.data.synthesis import BLUR_SIGMA_AT_64
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, SplitWriter, read_info, write_text
 
-SPLITS = ("train", "meta", "test")
+SPLITS = ("train", "meta", "test", "val")
 # Splits draw identities from disjoint ranges of the global identity index.
-_SPLIT_OFFSET = {"train": 0, "meta": 10_000_000, "test": 20_000_000}
-_SPLIT_CODE = {"train": 1, "meta": 2, "test": 3}
+_SPLIT_OFFSET = {"train": 0, "meta": 10_000_000, "test": 20_000_000, "val": 30_000_000}
+_SPLIT_CODE = {"train": 1, "meta": 2, "test": 3, "val": 4}
+# Splits scored by verification pairs (`val` is the bias study's split for choosing settings).
+PAIR_SPLITS = ("test", "val")
 PAIRS_FILE = "pairs.csv"
 
 # Cue families and how much each varies between identities of each group (rows: the groups
@@ -64,6 +66,9 @@ class SplitConfig:
     blur_probs: tuple[float, ...] = (0.7, 0.15, 0.1, 0.05)
     # meta: images per identity, every factor uniform.
     meta_images: int = 10
+    # test, val: clean anchor images per identity; each probe image is paired with every anchor
+    # (a positive) and with the same anchor index of another identity of the group (a negative).
+    pair_anchors: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,56 +300,76 @@ def _meta_plan(config: SplitConfig) -> list[_Planned]:
     return plan
 
 
-def _test_plan(config: SplitConfig) -> list[_Planned]:
-    """Per identity: two clean images, then one per non-head class of pose, occlusion and blur."""
+def _probe_variations() -> list[tuple[int, int, int]]:
+    """(pose, occlusion, blur) of the probe images: one clean, then one per non-head class of each factor."""
+    variations = [(3, 0, 0)]
+    variations += [(pose, 0, 0) for pose in range(7) if pose != 3]
+    variations += [(3, occlusion, 0) for occlusion in range(1, 5)]
+    variations += [(3, 0, blur) for blur in range(1, 4)]
+    return variations
+
+
+def images_per_identity(config: SplitConfig) -> int:
+    """Images of each identity of a pair split: the clean anchors, then the probes."""
+    return config.pair_anchors + len(_probe_variations())
+
+
+def _pair_plan(config: SplitConfig, split: str) -> list[_Planned]:
+    """Per identity: `pair_anchors` clean images, then the probes of `_probe_variations`."""
     plan = []
+    variations = [(3, 0, 0)] * config.pair_anchors + _probe_variations()
     for local_id in range(config.num_identities):
-        variations = [(3, 0, 0), (3, 0, 0)]
-        variations += [(pose, 0, 0) for pose in range(7) if pose != 3]
-        variations += [(3, occlusion, 0) for occlusion in range(1, 5)]
-        variations += [(3, 0, blur) for blur in range(1, 4)]
         for index, (pose, occlusion, blur) in enumerate(variations):
-            plan.append(_Planned(local_id, _SPLIT_OFFSET["test"] + local_id, local_id % 4, index,
+            plan.append(_Planned(local_id, _SPLIT_OFFSET[split] + local_id, local_id % 4, index,
                                  pose, occlusion, blur))
     return plan
 
 
-TEST_IMAGES_PER_IDENTITY = 15
+def _pair_labels(pose: int, occlusion: int, blur: int, group: int) -> dict[str, int]:
+    """The groups a pair counts for: the factor its probe varies (every factor's head class for a clean probe)."""
+    labels = {"pose": -1, "occlusion": -1, "blur": -1, "ethnicity": group}
+    if (pose, occlusion, blur) == (3, 0, 0):
+        labels.update(pose=3, occlusion=0, blur=0)
+    elif pose != 3:
+        labels["pose"] = pose
+    elif occlusion:
+        labels["occlusion"] = occlusion
+    else:
+        labels["blur"] = blur
+    return labels
 
 
-def _test_pairs(config: SplitConfig) -> list[tuple[int, int, int, dict[str, int]]]:
+def _verification_pairs(config: SplitConfig, split: str = "test") -> list[tuple[int, int, int, dict[str, int]]]:
     """Verification pairs balanced within every group of every factor.
 
-    Image A is always a clean image; image B carries one variation. The pair counts for the
-    factor it varies (and for the head class of every factor when B is clean), and for the
-    ethnicity group of its identities: negatives pair identities of the same group, as RFW does.
+    Image A is always a clean anchor; image B, the probe, carries at most one variation. The
+    pair counts for the factor it varies (and for the head class of every factor when B is
+    clean), and for the ethnicity group of its identities: negatives pair identities of the
+    same group, as RFW does, a different impostor for each anchor.
     """
-    n = config.num_identities
-    if n < 8:
-        raise ValueError(f"the test split needs at least 8 identities (2 per group), got {n}")
-    k = TEST_IMAGES_PER_IDENTITY
+    n, anchors = config.num_identities, config.pair_anchors
+    if n < 4 * (anchors + 1):
+        raise ValueError(f"a pair split with {anchors} anchor(s) needs at least {4 * (anchors + 1)} identities "
+                         f"({anchors + 1} per group), got {n}")
+    k = images_per_identity(config)
     pairs = []
     for identity in range(n):
-        impostor = (identity + 4) % n  # the same group: groups are identity % 4
         group = identity % 4
-        for index in range(1, k):
-            labels = {"pose": -1, "occlusion": -1, "blur": -1, "ethnicity": group}
-            if index == 1:
-                labels.update(pose=3, occlusion=0, blur=0)
-            elif index < 8:
-                labels["pose"] = index - 2 if index - 2 < 3 else index - 1
-            elif index < 12:
-                labels["occlusion"] = index - 7
-            else:
-                labels["blur"] = index - 11
-            pairs.append((identity * k, identity * k + index, 1, labels))
-            pairs.append((identity * k, impostor * k + index, 0, labels))
-    order = _rng(config.seed, _SPLIT_CODE["test"], 99).permutation(len(pairs))
+        for offset, variation in enumerate(_probe_variations()):
+            probe = anchors + offset
+            labels = _pair_labels(*variation, group)
+            for anchor in range(anchors):
+                impostor = (identity + 4 * (anchor + 1)) % n  # the same group: groups are identity % 4
+                pairs.append((identity * k + anchor, identity * k + probe, 1, labels))
+                pairs.append((identity * k + anchor, impostor * k + probe, 0, labels))
+    order = _rng(config.seed, _SPLIT_CODE[split], 99).permutation(len(pairs))
     return [pairs[i] for i in order]
 
 
 def _plan(split: str, config: SplitConfig) -> list[_Planned]:
-    return {"train": _train_plan, "meta": _meta_plan, "test": _test_plan}[split](config)
+    if split in PAIR_SPLITS:
+        return _pair_plan(config, split)
+    return {"train": _train_plan, "meta": _meta_plan}[split](config)
 
 
 def _render(split: str, config: SplitConfig, planned: _Planned, identities: dict) -> schema.FaceRecord:
@@ -382,9 +407,9 @@ def write_split(out_dir: str, split: str, config: SplitConfig, num_shards: int =
                     progress(done, len(plan))
         writer.write_shard(shard, records())
     extras = {}
-    if split == "test":
+    if split in PAIR_SPLITS:
         extras["pairs"] = PAIRS_FILE
-        _write_pairs(f"{out_dir}/{PAIRS_FILE}", _test_pairs(config))
+        _write_pairs(f"{out_dir}/{PAIRS_FILE}", _verification_pairs(config, split))
     made_by = {"tool": "mvcom_tf.data.synthetic", "config": dataclasses.asdict(config), "split": split}
     return writer.finish(made_by, extras)
 

@@ -42,3 +42,26 @@ def group_summary(accuracies: dict[str, float]) -> dict[str, float | str]:
     worst = min(accuracies, key=accuracies.get)
     return {"worst_group": worst, "worst_accuracy": float(accuracies[worst]), "mean_accuracy": float(values.mean()),
             "group_std": float(values.std()), "skewed_error_ratio": skewed_error_ratio(values)}
+
+
+# Student's t quantiles t(0.975, df) for df = 1..30 (two-sided 95% intervals); beyond 30, the normal's 1.96.
+_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+          2.045, 2.042)
+
+
+def paired_interval(differences) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided 95% t interval (mean, low, high); NaN where undefined.
+
+    The differences are one per seed (an arm minus the baseline trained from the same pre-training
+    on the same batches); the interval is mean +- t(0.975, n - 1) * sd / sqrt(n), sd with n - 1.
+    """
+    values = np.asarray(list(differences), np.float64)
+    if len(values) == 0 or not np.all(np.isfinite(values)):
+        return float("nan"), float("nan"), float("nan")
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    df = len(values) - 1
+    half = (_T_975[df - 1] if df <= len(_T_975) else 1.96) * float(values.std(ddof=1)) / np.sqrt(len(values))
+    return mean, mean - half, mean + half

@@ -6,8 +6,6 @@ import numpy as np
 import tensorflow as tf
 
 
-MARGIN_PRIORS = ("constant", "volume")
-
 
 def identity_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """Per-sample softmax cross-entropy [B] of scaled margin logits [B, C] against identity labels [B]."""
@@ -28,6 +26,25 @@ def class_aware_margins(images_per_identity, base: float = 0.35, power: float = 
     margins = np.full(counts.shape, base, np.float64)
     margins[present] = base * (reference / counts[present]) ** power
     return np.clip(margins, minimum, maximum).astype(np.float32)
+
+
+def head_classes(histograms: dict[str, list[int]]) -> dict[str, int]:
+    """Each factor's most frequent class in a dataset's label histograms (its head class)."""
+    return {factor: int(np.argmax(counts)) for factor, counts in histograms.items()}
+
+
+def tail_class_offsets(histograms: dict[str, list[int]], deltas: dict[str, float]) -> dict[str, np.ndarray]:
+    """Per factor k, a margin offset per class: delta_k for every class but the head class, 0 for it.
+
+    The bias study's oracle arm: margins from the ground-truth variation labels of each sample.
+    """
+    heads = head_classes(histograms)
+    offsets = {}
+    for factor, delta in deltas.items():
+        if delta:
+            offsets[factor] = np.full(len(histograms[factor]), delta, np.float32)
+            offsets[factor][heads[factor]] = 0.0
+    return offsets
 
 
 def variation_losses(logits: dict[str, tf.Tensor], labels: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -25,7 +25,7 @@ import tensorflow as tf
 from mvcom_tf.config import TrainConfig
 from mvcom_tf.data import schema
 from mvcom_tf.data.tfrecord import DatasetInfo
-from mvcom_tf.losses.margins import identity_loss, variation_losses
+from mvcom_tf.losses.margins import head_classes, identity_loss, tail_class_offsets, variation_losses
 from mvcom_tf.meta.figure import margin_figure
 from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.models.heads import VariationHeads
@@ -44,7 +44,7 @@ class MetaStep:
     def __init__(self, margin_step: MarginStep, variation_heads: VariationHeads,
                  heads_optimizer: keras.optimizers.Optimizer, *, tau: float, inner_lr: float, residual_max: float,
                  scope: str, factor_weights: tuple[float, ...], sampling: str, meta_batch: int,
-                 global_meta_batch: int, warmup_steps: int = 0) -> None:
+                 global_meta_batch: int, warmup_steps: int = 0, head_classes: dict[str, int] | None = None) -> None:
         if scope not in META_SCOPES:
             raise ValueError(f"unknown meta scope {scope!r}; expected one of {META_SCOPES}")
         self.margin_step, self.heads, self.heads_optimizer = margin_step, variation_heads, heads_optimizer
@@ -52,6 +52,9 @@ class MetaStep:
         self.factor_weights = dict(zip(schema.FACTORS, factor_weights))
         self.sampling, self.meta_batch, self.global_meta_batch = sampling, meta_batch, global_meta_batch
         self.warmup_steps = warmup_steps
+        # Each factor's most frequent class in the training split: the others are its tail, for
+        # the correlation of the learned residuals with tail membership (seed Sec. E).
+        self.head_classes = head_classes or {}
         backbone = margin_step.backbone
         self.scope = scope
         self.pseudo_mask = [scope == "all" or v.path.startswith(OUTPUT_BLOCK_PREFIX)
@@ -199,7 +202,7 @@ class MetaStep:
 
     def __call__(self, batch: dict[str, tf.Tensor], pool: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """One MvCoM iteration (a)-(e)."""
-        prior = self.margin_step.margins(batch["identity"])
+        prior = self.margin_step.margins(batch)
         meta = self.meta_batch_of(batch, pool)
         trunk_features = self.meta_features(meta)
         if self.learns_residuals:
@@ -213,6 +216,8 @@ class MetaStep:
                                 applied if self.margin_step.skip_nonfinite else None)
         metrics.update(self.heads_update(meta, trunk_features))
         metrics.update(residual_sums(residuals, batch))
+        if self.head_classes:
+            metrics.update(tail_sums(residuals, batch, self.head_classes))
         metrics["values/margin/final"] = margins
         metrics.update({f"values/residual/{factor}": residuals[:, k] for k, factor in enumerate(schema.FACTORS)})
         metrics[f"values/{FIGURE_IMAGES}"] = batch["image"][:FIGURE_FACES]
@@ -253,11 +258,43 @@ class MetaStep:
                 mean = float(sums[f"residual/{factor}/all_sum"]) / samples
                 scalars[f"residual/{factor}/std"] = float(
                     np.sqrt(max(float(sums[f"residual/{factor}/all_sq"]) / samples - mean ** 2, 0.0)))
-                totals, counts = sums[f"residual/{factor}/sum"], sums[f"residual/{factor}/count"]
-                for cls in range(schema.NUM_CLASSES[factor]):
-                    if counts[cls]:
-                        scalars[f"margin/{factor}/{cls}"] = float(totals[cls] / counts[cls])
+                scalars.update(class_residual_summary(factor, sums, self.head_classes.get(factor)))
+        if "tail/count" in sums:
+            scalars["tail/correlation"] = correlation(sums["tail/count"], sums["tail/r"], sums["tail/r_sq"],
+                                                      sums["tail/t"], sums["tail/rt"])
         return scalars
+
+
+def correlation(count, sum_x, sum_x_sq, sum_t, sum_xt) -> float:
+    """Pearson's correlation of x with a 0/1 indicator t, from running sums (t^2 = t); NaN if either is constant."""
+    count = float(count)
+    if not count:
+        return float("nan")
+    mean_x, share = float(sum_x) / count, float(sum_t) / count
+    variance = float(sum_x_sq) / count - mean_x ** 2
+    covariance = float(sum_xt) / count - mean_x * share
+    denominator = np.sqrt(max(variance, 0.0) * share * (1.0 - share))
+    return float(covariance / denominator) if denominator > 0 else float("nan")
+
+
+def class_residual_summary(factor: str, sums: dict[str, np.ndarray], head: int | None) -> dict[str, float]:
+    """Per class of a factor: the mean residual (`margin/<factor>/<class>`), its standard error and count;
+    with the factor's head class known, the correlation of r^k with membership of the factor's tail."""
+    totals, squares = sums[f"residual/{factor}/sum"], sums[f"residual/{factor}/sq"]
+    counts = sums[f"residual/{factor}/count"]
+    scalars = {}
+    for cls in range(schema.NUM_CLASSES[factor]):
+        if counts[cls]:
+            mean = float(totals[cls] / counts[cls])
+            variance = max(float(squares[cls] / counts[cls]) - mean ** 2, 0.0)
+            scalars[f"margin/{factor}/{cls}"] = mean
+            scalars[f"margin_se/{factor}/{cls}"] = float(np.sqrt(variance / max(counts[cls] - 1, 1)))
+            scalars[f"margin_count/{factor}/{cls}"] = float(counts[cls])
+    if head is not None:
+        tail = np.arange(len(counts)) != head
+        scalars[f"tail/{factor}/correlation"] = correlation(
+            counts.sum(), totals.sum(), squares.sum(), counts[tail].sum(), totals[tail].sum())
+    return scalars
 
 
 def residual_sums(residuals: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -268,24 +305,42 @@ def residual_sums(residuals: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str
         classes = schema.NUM_CLASSES[factor]
         onehot = tf.one_hot(labels, classes, dtype=residuals.dtype)  # -1 gives a zero row
         sums[f"residual/{factor}/sum"] = tf.linalg.matvec(onehot, residuals[:, index], transpose_a=True)
+        sums[f"residual/{factor}/sq"] = tf.linalg.matvec(onehot, tf.square(residuals[:, index]), transpose_a=True)
         sums[f"residual/{factor}/count"] = tf.reduce_sum(onehot, axis=0)
         sums[f"residual/{factor}/all_sum"] = tf.reduce_sum(residuals[:, index])
         sums[f"residual/{factor}/all_sq"] = tf.reduce_sum(tf.square(residuals[:, index]))
     return sums
 
 
+def tail_sums(residuals: tf.Tensor, batch: dict[str, tf.Tensor], heads: dict[str, int]) -> dict[str, tf.Tensor]:
+    """Sums for the correlation of a sample's summed residual with its tail membership (a known label
+    outside its factor's head class, for any factor)."""
+    tail = tf.zeros_like(batch["identity"], tf.bool)
+    for factor in schema.FACTORS:
+        labels = batch[factor]
+        tail |= (labels >= 0) & (labels != heads[factor])
+    summed, tail = tf.reduce_sum(residuals, axis=1), tf.cast(tail, residuals.dtype)
+    return {"tail/count": tf.cast(tf.size(summed), residuals.dtype), "tail/r": tf.reduce_sum(summed),
+            "tail/r_sq": tf.reduce_sum(tf.square(summed)), "tail/t": tf.reduce_sum(tail),
+            "tail/rt": tf.reduce_sum(summed * tail)}
+
+
 def build_meta_step(config: TrainConfig, state, class_margins: tf.Tensor, global_batch: int,
-                    meta_info: DatasetInfo, num_replicas: int) -> MetaStep:
+                    meta_info: DatasetInfo, num_replicas: int, train_info: DatasetInfo) -> MetaStep:
     """The meta step with its variation heads and their optimizer (call in the strategy scope)."""
     heads = VariationHeads(name="variation_heads", dtype=float32_if_mixed())
     heads.build((None, config.embedding_size))
     heads_optimizer = keras.optimizers.SGD(config.variation_lr, momentum=config.momentum)
     heads_optimizer.build(heads.trainable_variables)
     state.extras.update(variation_heads=heads, variation_optimizer=heads_optimizer)
+    deltas = dict(zip(schema.FACTORS, config.oracle_margin_deltas))
+    offsets = {factor: tf.constant(values, keras.config.floatx())
+               for factor, values in tail_class_offsets(train_info.histograms, deltas).items()}
     margin_step = MarginStep(state.backbone, state.head, state.optimizer, class_margins, global_batch,
-                             skip_nonfinite=config.nan_policy == "skip")
+                             skip_nonfinite=config.nan_policy == "skip", factor_offsets=offsets)
     return MetaStep(
         margin_step, heads, heads_optimizer, tau=config.meta_lr_tau, inner_lr=config.meta_inner_lr,
         residual_max=config.residual_max, scope=config.meta_scope, factor_weights=config.factor_weights,
         sampling=config.meta_sampling, meta_batch=config.meta_batch_size // num_replicas,
-        global_meta_batch=config.meta_batch_size, warmup_steps=config.variation_warmup_steps)
+        global_meta_batch=config.meta_batch_size, warmup_steps=config.variation_warmup_steps,
+        head_classes=head_classes(train_info.histograms))

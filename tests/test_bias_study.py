@@ -1,0 +1,136 @@
+"""The bias study: val/test pair splits, the oracle's margins, the mechanism figures, paired intervals, the study."""
+
+import collections
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from conftest import run_module
+from mvcom_tf.data import schema, synthetic
+from mvcom_tf.data.tfrecord import iterate_records
+from mvcom_tf.evaluation.metrics import paired_interval
+from mvcom_tf.evaluation.verification import read_pairs
+from mvcom_tf.losses.margins import head_classes, tail_class_offsets
+from mvcom_tf.meta.step import class_residual_summary, correlation, residual_sums, tail_sums
+from mvcom_tf.steps import MarginStep
+
+
+def test_two_anchor_val_split_pairs_every_probe_with_both_anchors(tmp_path):
+    config = synthetic.SplitConfig(num_identities=12, pair_anchors=2, seed=4)
+    synthetic.write_split(str(tmp_path / "val"), "val", config, num_shards=1)
+    synthetic.write_split(str(tmp_path / "test"), "test", config, num_shards=1)
+    records = list(iterate_records(str(tmp_path / "val")))
+    assert len(records) == 12 * 16 == 12 * synthetic.images_per_identity(config)  # 2 anchors, 14 probes
+    val_ids = {r.source.split(":")[3] for r in records}
+    test_ids = {r.source.split(":")[3] for r in iterate_records(str(tmp_path / "test"))}
+    assert len(val_ids) == 12 and not val_ids & test_ids
+    pairs = read_pairs(str(tmp_path / "val" / "pairs.csv"))
+    # Every class (the head class by the clean probe): 12 identities x 2 anchors x (positive + negative).
+    for factor in ("pose", "occlusion", "blur"):
+        counts = collections.Counter(pairs[factor][pairs[factor] >= 0])
+        assert set(counts.values()) == {48}, (factor, counts)
+    assert collections.Counter(pairs["ethnicity"]) == {group: 3 * 14 * 4 for group in range(4)}
+    anchors_of_probe = collections.defaultdict(set)
+    for a, b, same, *_, ethnicity in zip(*pairs.values()):
+        ra, rb = records[a], records[b]
+        assert a % 16 in (0, 1) and (ra.pose, ra.occlusion, ra.blur) == (3, 0, 0)
+        assert (ra.identity == rb.identity) == bool(same) and ra.ethnicity == rb.ethnicity == ethnicity
+        if same:
+            anchors_of_probe[b].add(a)
+    assert all(len(anchors) == 2 for anchors in anchors_of_probe.values()) and len(anchors_of_probe) == 12 * 14
+
+
+def test_oracle_margins_add_delta_outside_each_head_class():
+    histograms = {"pose": [1, 2, 3, 50, 3, 2, 1], "occlusion": [40, 1, 1, 1, 1], "blur": [30, 5, 2, 1],
+                  "ethnicity": [5, 5, 30, 5]}
+    assert head_classes(histograms) == {"pose": 3, "occlusion": 0, "blur": 0, "ethnicity": 2}
+    offsets = tail_class_offsets(histograms, {"pose": 0.1, "occlusion": 0.2, "blur": 0.0, "ethnicity": 0.05})
+    assert set(offsets) == {"pose", "occlusion", "ethnicity"}  # a zero delta adds nothing
+    np.testing.assert_allclose(offsets["pose"], [0.1, 0.1, 0.1, 0.0, 0.1, 0.1, 0.1])
+    step = MarginStep(None, None, None, tf.constant([0.35, 0.30]), 4,
+                      factor_offsets={k: tf.constant(v) for k, v in offsets.items()})
+    batch = {"identity": tf.constant([0, 1, 0, 1]), "pose": tf.constant([3, 0, -1, 6]),
+             "occlusion": tf.constant([0, 2, 4, -1]), "blur": tf.constant([3, 3, 3, 3]),
+             "ethnicity": tf.constant([2, 2, 0, -1])}
+    # Sample by sample: identity margin + pose + occlusion (+ blur 0) + ethnicity; unknown (-1) adds 0.
+    expected = [0.35, 0.30 + 0.1 + 0.2, 0.35 + 0.2 + 0.05, 0.30 + 0.1]
+    np.testing.assert_allclose(step.margins(batch).numpy(), expected, rtol=1e-6)
+
+
+def test_residual_summaries_match_numpy():
+    rng = np.random.default_rng(0)
+    size = 200
+    batch = {factor: rng.integers(-1, schema.NUM_CLASSES[factor], size) for factor in schema.FACTORS}
+    batch["identity"] = np.zeros(size, np.int32)
+    residuals = rng.normal(0.0, 0.05, (size, 4)) + 0.03 * (batch["pose"] != 3)[:, None]
+    sums = {k: v.numpy() for k, v in residual_sums(tf.constant(residuals), batch).items()}
+    heads = {"pose": 3, "occlusion": 0, "blur": 0, "ethnicity": 2}
+    sums.update({k: v.numpy() for k, v in tail_sums(tf.constant(residuals), batch, heads).items()})
+    for index, factor in enumerate(schema.FACTORS):
+        summary = class_residual_summary(factor, sums, heads[factor])
+        labels, values = batch[factor], residuals[:, index]
+        for cls in range(schema.NUM_CLASSES[factor]):
+            members = values[labels == cls]
+            np.testing.assert_allclose(summary[f"margin/{factor}/{cls}"], members.mean(), rtol=1e-9)
+            np.testing.assert_allclose(summary[f"margin_se/{factor}/{cls}"],
+                                       members.std(ddof=1) / np.sqrt(len(members)), rtol=1e-6)
+            assert summary[f"margin_count/{factor}/{cls}"] == len(members)
+        known = labels >= 0
+        expected = np.corrcoef(values[known], (labels[known] != heads[factor]).astype(float))[0, 1]
+        np.testing.assert_allclose(summary[f"tail/{factor}/correlation"], expected, rtol=1e-9)
+    tail = np.zeros(size, bool)
+    for factor in schema.FACTORS:
+        tail |= (batch[factor] >= 0) & (batch[factor] != heads[factor])
+    expected = np.corrcoef(residuals.sum(axis=1), tail.astype(float))[0, 1]
+    got = correlation(sums["tail/count"], sums["tail/r"], sums["tail/r_sq"], sums["tail/t"], sums["tail/rt"])
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert np.isnan(correlation(3, 1.0, 1.0, 3, 1.0))  # a constant indicator has no correlation
+
+
+def test_paired_interval_by_hand():
+    # mean 0.03, sd 0.0158114 (n - 1), se 0.00707107, t(0.975, 4) = 2.776: half-width 0.0196293.
+    mean, low, high = paired_interval([0.01, 0.02, 0.03, 0.04, 0.05])
+    np.testing.assert_allclose([mean, low, high], [0.03, 0.0103707, 0.0496293], atol=1e-7)
+    assert np.isnan(paired_interval([0.1])[1]) and np.isnan(paired_interval([0.1, np.inf])[0])
+
+
+def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
+    out_dir = tmp_path / "bias"
+    first = run_module(["benchmarks/bias.py", "--quick", f"--out_dir={out_dir}"], timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    assert report["seeds"] == [0, 1] and report["minutes"] > 0
+    arms = ("prior", "oracle", "mvcom_hard", "mvcom_random")
+    assert set(report["arms"]) == set(arms)
+    for arm in arms:
+        entry = report["arms"][arm]
+        assert set(entry) == {"accuracy_diff", "accuracy_ci", *schema.FACTORS}
+        for factor in schema.FACTORS:
+            assert set(entry[factor]) == {f"{m}_{k}" for m in ("worst", "ser", "std") for k in ("diff", "ci")}
+    # The oracle's interval recomputed from the test scores on disk: two seeds, t(0.975, 1) = 12.706.
+    runs = report["runs"]
+    scores = {arm: [json.load(open(out_dir / f"seed{s}" / runs[arm] / "test" / "results.json"))["synthetic:test"]
+                    for s in (0, 1)] for arm in ("cosface", "oracle")}
+    diffs = np.array([o["factors"]["occlusion"]["worst_accuracy"] - c["factors"]["occlusion"]["worst_accuracy"]
+                      for o, c in zip(scores["oracle"], scores["cosface"])])
+    half = 12.706 * diffs.std(ddof=1) / np.sqrt(2)
+    np.testing.assert_allclose(report["arms"]["oracle"]["occlusion"]["worst_diff"], diffs.mean(), atol=1e-5)
+    np.testing.assert_allclose(report["arms"]["oracle"]["occlusion"]["worst_ci"],
+                               [diffs.mean() - half, diffs.mean() + half], atol=1e-5)
+    pairs = read_pairs(str(out_dir / "data" / "test" / "pairs.csv"))
+    assert report["min_pairs_per_group"] == min(int(np.sum(pairs[f] == c)) for f in schema.FACTORS
+                                                for c in range(schema.NUM_CLASSES[f]))
+    assert "tail_correlation_summed" in report["mechanism"]["mvcom_hard"]
+    assert (out_dir / "bias_differences.png").stat().st_size > 10_000
+    # A killed study resumes: only the run without metrics.json trains again.
+    kept = out_dir / "seed1" / runs["prior"] / "metrics.json"
+    removed = out_dir / "seed1" / runs["mvcom_random"] / "metrics.json"
+    kept_time = os.path.getmtime(kept)
+    os.remove(removed)
+    second = run_module(["benchmarks/bias.py", "--quick", f"--out_dir={out_dir}"], timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 runs trained in this invocation" in second.stdout
+    assert removed.exists() and os.path.getmtime(kept) == kept_time
+    assert json.loads(second.stdout.strip().splitlines()[-1])["arms"]["oracle"] == report["arms"]["oracle"]
