@@ -65,6 +65,8 @@ class TrainConfig:
     variation_warmup_steps: int
     variation_lr: float
     oracle_margin_deltas: tuple[float, ...]
+    head_warmup_steps: int
+    head_warmup_lr: float
     # The run.
     stage: tuple[str, ...]
     model_dir: str

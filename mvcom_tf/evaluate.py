@@ -1,14 +1,18 @@
-"""Score a SavedModel (or a run folder's export) on verification benchmarks.
+"""Score a model on verification benchmarks: a SavedModel (or a run folder's export), an ONNX model
+(insightface's model zoo, or this project's --export_onnx) or an arcface_torch checkpoint.
 
     python -m mvcom_tf.evaluate --model=runs/demo --benchmark=synthetic:data/synthetic/test \
         --benchmark=bin:faces_emore/lfw.bin --benchmark=rfw:RFW --benchmark=ijb:IJB_release/IJBC
+    python -m mvcom_tf.evaluate --model=w600k_r50.onnx --benchmark=rfw:RFW
 
 Writes `results.json` (one entry per benchmark, keyed `<kind>:<file or folder name>`) and one ROC
-PNG per benchmark to --output_dir (default `<model>/eval`), and prints a Markdown table.
+PNG per benchmark to --output_dir (default `<model>/eval`, or `<file>_eval` for a model file), and
+prints a Markdown table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import sys
@@ -19,7 +23,12 @@ from absl import app, flags
 
 from mvcom_tf.evaluation.benchmark_spec import KINDS, benchmark_key, parse_benchmark
 
-flags.DEFINE_string("model", None, "SavedModel folder, or a run folder (its export/ is used).", required=True)
+flags.DEFINE_string("model", None, "SavedModel folder, a run folder (its export/ is used), an ONNX model (.onnx, "
+                    "run with ONNX Runtime) or an arcface_torch checkpoint (.pt/.pth, imported on the fly).",
+                    required=True)
+flags.DEFINE_float("input_mean", 127.5, "ONNX models with a float input: (x - mean) / std (insightface's default).")
+flags.DEFINE_float("input_std", 127.5, "ONNX models with a float input: (x - mean) / std (insightface's default).")
+flags.DEFINE_bool("input_bgr", False, "ONNX models with a float input: feed BGR instead of RGB.")
 flags.DEFINE_multi_string("benchmark", [], f"<kind>:<path>, repeatable; kinds: {', '.join(KINDS)}.")
 flags.DEFINE_string("output_dir", "", "Where results.json and the ROC curves go; default <model>/eval.")
 flags.DEFINE_integer("batch_size", 256, "Images per batch.", lower_bound=1)
@@ -50,9 +59,22 @@ def saved_model_dir(model: str) -> str:
     raise FileNotFoundError(f"--model={model}: neither it nor {model}/export holds a saved_model.pb")
 
 
-def load_embedder(model: str, image_size: int = 0):
-    """(embed function on uint8 images, image size) of a SavedModel exported by mvcom_tf (or any with the
-    same `serving_default`: `images` uint8 [None, H, W, 3] -> `embedding`)."""
+def load_embedder(model: str, image_size: int = 0, onnx_input: OnnxInput | None = None):
+    """(embed function on uint8 images [B, H, W, 3] -> L2-normalised embeddings, image size) of --model."""
+    if model.endswith(".onnx"):
+        return onnx_embedder(model, image_size, onnx_input or OnnxInput())
+    if model.endswith((".pt", ".pth")):
+        from mvcom_tf.export import embedding_fn
+        from mvcom_tf.models.arcface_torch import load_model_file
+
+        backbone, architecture = load_model_file(model)
+        return embedding_fn(backbone), image_size or architecture.image_size
+    return saved_model_embedder(model, image_size)
+
+
+def saved_model_embedder(model: str, image_size: int = 0):
+    """The embed function of a SavedModel exported by mvcom_tf (or any with the same `serving_default`:
+    `images` uint8 [None, H, W, 3] -> `embedding`), and its image size."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(saved_model_dir(model))
@@ -65,6 +87,50 @@ def load_embedder(model: str, image_size: int = 0):
     def embed(images):
         # `loaded` is referenced here so that its variables live as long as the function.
         return loaded.signatures["serving_default"](images=images)["embedding"]
+
+    return embed, int(size)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxInput:
+    """How to feed an ONNX model with a float input (insightface's model zoo: (x - 127.5) / 127.5, RGB)."""
+
+    mean: float = 127.5
+    std: float = 127.5
+    bgr: bool = False
+
+
+def onnx_embedder(path: str, image_size: int, feed: OnnxInput):
+    """An ONNX model's embed function, run by ONNX Runtime; input name, layout (NCHW or NHWC) and size are
+    read from the graph. A uint8 input (this project's export) gets the images as they are."""
+    import numpy as np
+    import onnxruntime
+    import tensorflow as tf
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    source = session.get_inputs()[0]
+    shape = source.shape
+    if len(shape) != 4 or 3 not in (shape[1], shape[3]):
+        raise ValueError(f"{path}: input {source.name} has shape {shape}, not an image batch (NCHW or NHWC, 3 channels)")
+    channels_first = shape[1] == 3
+    size = image_size or (shape[2] if channels_first else shape[1])
+    if not isinstance(size, int):
+        raise ValueError(f"{path}: the input has no fixed size ({shape}); give --image_size")
+    raw = source.type == "tensor(uint8)"
+    output = session.get_outputs()[0].name
+
+    def run(images: np.ndarray) -> np.ndarray:
+        batch = images
+        if not raw:
+            batch = images.astype(np.float32)[..., ::-1] if feed.bgr else images.astype(np.float32)
+            batch = (batch - feed.mean) / feed.std
+        if channels_first:
+            batch = batch.transpose(0, 3, 1, 2)
+        features = session.run([output], {source.name: np.ascontiguousarray(batch)})[0].astype(np.float32)
+        return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+    def embed(images):
+        return tf.numpy_function(run, [tf.cast(images, tf.uint8)], tf.float32, stateful=False)
 
     return embed, int(size)
 
@@ -107,7 +173,8 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(model: str, benchmarks: list[str], output_dir: str, batch_size: int = 256, image_size: int = 0) -> dict:
+def evaluate(model: str, benchmarks: list[str], output_dir: str, batch_size: int = 256, image_size: int = 0,
+             onnx_input: OnnxInput | None = None) -> dict:
     """Scores every benchmark; writes results.json and ROC PNGs to output_dir; returns the results."""
     import tensorflow as tf
 
@@ -115,7 +182,7 @@ def evaluate(model: str, benchmarks: list[str], output_dir: str, batch_size: int
     from mvcom_tf.data.tfrecord import write_json
     from mvcom_tf.evaluation.protocols import run_benchmark
 
-    embed, size = load_embedder(model, image_size)
+    embed, size = load_embedder(model, image_size, onnx_input)
     embed = tf.function(embed, reduce_retracing=True)
     tf.io.gfile.makedirs(output_dir)
     results = {}
@@ -136,10 +203,15 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from mvcom_tf.data.tfrecord import DatasetError
 
-    output_dir = FLAGS.output_dir or posixpath.join(FLAGS.model, "eval")
+    if FLAGS.model.endswith((".onnx", ".pt", ".pth")):
+        default_output = posixpath.splitext(FLAGS.model)[0] + "_eval"
+    else:
+        default_output = posixpath.join(FLAGS.model, "eval")
+    output_dir = FLAGS.output_dir or default_output
     try:
-        results = evaluate(FLAGS.model, FLAGS.benchmark, output_dir, FLAGS.batch_size, FLAGS.image_size)
-    except (DatasetError, FileNotFoundError, ValueError) as error:
+        results = evaluate(FLAGS.model, FLAGS.benchmark, output_dir, FLAGS.batch_size, FLAGS.image_size,
+                           OnnxInput(FLAGS.input_mean, FLAGS.input_std, FLAGS.input_bgr))
+    except (DatasetError, FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown_table(results))

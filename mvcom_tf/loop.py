@@ -263,9 +263,18 @@ def restore(state: StageState, resume_dir: str, init_checkpoint: str, stage: str
         logging.info("[%s] resumed from %s at step %d", stage, latest, int(state.step))
     elif init_checkpoint:
         # Backbone and identity classifier only, as seed Sec. C keeps them; optimizer and step start anew.
-        tf.train.Checkpoint(backbone=state.backbone, head=state.head).restore(
-            _latest(init_checkpoint)).expect_partial()
-        logging.info("[%s] initialised backbone and identity head from %s", stage, init_checkpoint)
+        prefix = _latest(init_checkpoint)
+        shapes = dict(tf.train.list_variables(prefix))
+        head_shape = shapes.get("head/kernel/.ATTRIBUTES/VARIABLE_VALUE")
+        if head_shape is not None and list(head_shape) != list(state.head.kernel.shape):
+            raise DatasetError(f"--init_checkpoint: {prefix} has an identity head of {head_shape[1]} classes, but "
+                               f"--train_data has {state.head.kernel.shape[1]} identities")
+        tf.train.Checkpoint(backbone=state.backbone, head=state.head).restore(prefix).expect_partial()
+        logging.info("[%s] initialised backbone%s from %s", stage, " and identity head" if head_shape else "",
+                     init_checkpoint)
+        if head_shape is None:
+            logging.warning("[%s] %s holds no identity head: it starts untrained (--head_warmup_steps trains it "
+                            "alone first)", stage, init_checkpoint)
 
 
 class CompiledSteps:
@@ -328,7 +337,7 @@ def execution_length(config: TrainConfig, trainer, step: int, last: int) -> int:
     every = [config.log_every, config.checkpoint_every, config.eval_every if config.eval_data else 0]
     length = min([length] + [period - step % period for period in every if period])
     replica_fn = trainer.for_step(step)
-    return next((k for k in range(1, length) if trainer.for_step(step + k) is not replica_fn), length)
+    return next((k for k in range(1, length) if trainer.for_step(step + k) != replica_fn), length)
 
 
 def run_stage(config: TrainConfig, stage: str, strategy: tf.distribute.Strategy, init_checkpoint: str,

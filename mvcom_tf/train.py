@@ -98,6 +98,11 @@ flags.DEFINE_integer("variation_warmup_steps", 20, "Meta stage: steps that train
                      lower_bound=0)
 flags.DEFINE_float("variation_lr", 0.01, "Learning rate of the variation heads (SGD, same momentum).",
                    lower_bound=0.0)
+flags.DEFINE_integer("head_warmup_steps", 0, "Meta stage: steps that first train only the identity head, the "
+                     "backbone frozen with BatchNorm in inference mode (a model imported without its class centres; "
+                     "README, \"Start from a published model\").", lower_bound=0)
+flags.DEFINE_float("head_warmup_lr", 0.1, "Learning rate of the identity head's warm-up (SGD, same momentum).",
+                   lower_bound=0.0)
 flags.DEFINE_list("oracle_margin_deltas", ["0", "0", "0", "0"], "Meta stage, a reference for the bias study "
                   "(benchmarks/bias.py), not a method: add delta_k to a sample's margin when its ground-truth class "
                   "of factor k (pose, occlusion, blur, ethnicity) is not that factor's most frequent class in "

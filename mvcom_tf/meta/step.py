@@ -44,14 +44,15 @@ class MetaStep:
     def __init__(self, margin_step: MarginStep, variation_heads: VariationHeads,
                  heads_optimizer: keras.optimizers.Optimizer, *, tau: float, inner_lr: float, residual_max: float,
                  scope: str, factor_weights: tuple[float, ...], sampling: str, meta_batch: int,
-                 global_meta_batch: int, warmup_steps: int = 0, head_classes: dict[str, int] | None = None) -> None:
+                 global_meta_batch: int, warmup_steps: int = 0, head_classes: dict[str, int] | None = None,
+                 head_warmup_steps: int = 0, head_optimizer: keras.optimizers.Optimizer | None = None) -> None:
         if scope not in META_SCOPES:
             raise ValueError(f"unknown meta scope {scope!r}; expected one of {META_SCOPES}")
         self.margin_step, self.heads, self.heads_optimizer = margin_step, variation_heads, heads_optimizer
         self.tau, self.inner_lr, self.residual_max = tau, inner_lr, residual_max
         self.factor_weights = dict(zip(schema.FACTORS, factor_weights))
         self.sampling, self.meta_batch, self.global_meta_batch = sampling, meta_batch, global_meta_batch
-        self.warmup_steps = warmup_steps
+        self.warmup_steps, self.head_warmup_steps, self.head_optimizer = warmup_steps, head_warmup_steps, head_optimizer
         # Each factor's most frequent class in the training split: the others are its tail, for
         # the correlation of the learned residuals with tail membership (seed Sec. E).
         self.head_classes = head_classes or {}
@@ -230,9 +231,26 @@ class MetaStep:
         metrics.update(self.heads_update(meta, self.meta_features(meta)))
         return metrics
 
+    def head_warmup(self, batch: dict[str, tf.Tensor], pool: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """An identity-head-only step (a model imported without its class centres): the backbone frozen,
+        its BatchNorm in inference mode, the head trained on the margin loss by its own optimizer."""
+        step = self.margin_step
+        features = tf.stop_gradient(step.backbone(batch["image"], training=False))
+        labels, margins = batch["identity"], step.margins(batch)
+        with tf.GradientTape() as tape:
+            logits = step.head(features, labels, margins)
+            per_sample = identity_loss(logits, labels)
+            loss = tf.reduce_sum(per_sample) / step.global_batch
+        gradients = tape.gradient(loss, step.head.trainable_variables)
+        self.head_optimizer.apply_gradients(zip(gradients, step.head.trainable_variables))
+        return batch_metrics(per_sample, logits, labels, margins)
+
     def for_step(self, step: int):
-        """The callable to run at a global step: warm-up first, then the meta step."""
-        return self.warmup if step < self.warmup_steps else self
+        """The callable to run at a global step: the identity head's warm-up, the variation heads' warm-up,
+        then the meta step."""
+        if step < self.head_warmup_steps:
+            return self.head_warmup
+        return self.warmup if step < self.head_warmup_steps + self.warmup_steps else self
 
     def figures(self, latest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pictures for TensorBoard from the latest per-sample values: the seed's Fig. 6."""
@@ -333,6 +351,11 @@ def build_meta_step(config: TrainConfig, state, class_margins: tf.Tensor, global
     heads_optimizer = keras.optimizers.SGD(config.variation_lr, momentum=config.momentum)
     heads_optimizer.build(heads.trainable_variables)
     state.extras.update(variation_heads=heads, variation_optimizer=heads_optimizer)
+    head_optimizer = None
+    if config.head_warmup_steps:
+        head_optimizer = keras.optimizers.SGD(config.head_warmup_lr, momentum=config.momentum)
+        head_optimizer.build(state.head.trainable_variables)
+        state.extras["identity_head_warmup_optimizer"] = head_optimizer
     deltas = dict(zip(schema.FACTORS, config.oracle_margin_deltas))
     offsets = {factor: tf.constant(values, keras.config.floatx())
                for factor, values in tail_class_offsets(train_info.histograms, deltas).items()}
@@ -343,4 +366,5 @@ def build_meta_step(config: TrainConfig, state, class_margins: tf.Tensor, global
         residual_max=config.residual_max, scope=config.meta_scope, factor_weights=config.factor_weights,
         sampling=config.meta_sampling, meta_batch=config.meta_batch_size // num_replicas,
         global_meta_batch=config.meta_batch_size, warmup_steps=config.variation_warmup_steps,
-        head_classes=head_classes(train_info.histograms))
+        head_classes=head_classes(train_info.histograms), head_warmup_steps=config.head_warmup_steps,
+        head_optimizer=head_optimizer)
