@@ -196,7 +196,7 @@ class Runner:
         output = os.path.join(self.folder(seed, arm.name), "test")
         path = os.path.join(output, "results.json")
         if not os.path.exists(path):
-            from mvcom_tf.evaluate import evaluate
+            from mvcom_tf.evaluation.run import evaluate
 
             evaluate(self.folder(seed, arm.name), [f"synthetic:{self.data('test')}"], output)
         return _read_json(path, None)["synthetic:test"]

@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from conftest import run_module
 from mvcom_tf.data import synthetic
-from mvcom_tf.evaluate import OnnxInput, evaluate, load_embedder
+from mvcom_tf.evaluation.embedders import OnnxInput, load_embedder
+from mvcom_tf.evaluation.run import evaluate
 from mvcom_tf.models import arcface_torch, torch_checkpoint
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arcface_torch_small")

@@ -4,7 +4,8 @@
         --labels=vggface2_labels.csv --exclude_identities=shared_with_ms1m.txt
 
 Reads `<root>/<subset>/<n000002>/<0001_01>.jpg` and `<root>/bb_landmark/loose_landmark_<subset>.csv`;
-faces without landmarks are skipped and counted. `source` in --labels is `n000002/0001_01.jpg`.
+images without a landmark row are aligned by the face MTCNN detects (--align=detect, the default;
+counted as `detected` in report.json) or skipped (--align=landmarks). `source` in --labels is `n000002/0001_01.jpg`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from mvcom_tf.data import conversion, sources
 
 def main(argv) -> int:
     del argv
-    return conversion.run_tool(lambda: sources.vggface2(flags.FLAGS.root, flags.FLAGS.subset, **sources.image_options_from_flags()),
+    options = flags.FLAGS
+    return conversion.run_tool(lambda: sources.vggface2(options.root, options.subset, options.align,
+                                                        **sources.image_options_from_flags()),
                                "tools/convert_vggface2.py")
 
 
@@ -30,4 +33,6 @@ if __name__ == "__main__":
     sources.define_image_flags()
     flags.DEFINE_string("root", None, "VGGFace2 folder (holding train/, test/ and bb_landmark/).", required=True)
     flags.DEFINE_enum("subset", "train", ["train", "test"], "Which of VGGFace2's subsets to convert.")
+    flags.DEFINE_enum("align", "detect", ["detect", "landmarks"], "Images without a landmark row: detect the face "
+                      "(MTCNN) or skip them (no_landmarks).")
     app.run(main)

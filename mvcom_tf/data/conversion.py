@@ -28,13 +28,14 @@ from typing import Any, Hashable, Protocol
 import numpy as np
 import tensorflow as tf
 
-from mvcom_tf.data import recordio, schema
+from mvcom_tf.data import images, recordio, schema
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, LabelCounter, SplitWriter, shard_name, write_json
 
 REPORT_FILE = "report.json"
 STATE_DIR = "conversion"
 MAX_EXAMPLES = 5
-SKIP_REASONS = ("undecodable_image", "no_landmarks", "excluded_identity", "bad_label_row", "corrupt_record")
+SKIP_REASONS = ("undecodable_image", "image_too_large", "image_too_small", "no_landmarks", "no_face",
+                "excluded_identity", "bad_label_row", "corrupt_record")
 LABEL_COLUMNS = ("pose", "occlusion", "blur", "ethnicity", "yaw")
 BLOCK_ITEMS = 256  # consecutive source images kept together when dealing them to shards
 
@@ -55,6 +56,7 @@ class Report:
     written: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    detected: int = 0  # images aligned by the landmarks of a detected face
 
     def skip(self, reason: str, example: str) -> None:
         if reason not in SKIP_REASONS:
@@ -67,19 +69,21 @@ class Report:
     def merge(self, other: "Report") -> None:
         self.read += other.read
         self.written += other.written
+        self.detected += other.detected
         for reason, count in other.skipped.items():
             self.skipped[reason] += count
             room = MAX_EXAMPLES - len(self.examples.setdefault(reason, []))
             self.examples[reason].extend(other.examples.get(reason, [])[:room])
 
     def to_json(self) -> dict[str, Any]:
-        return {"read": self.read, "written": self.written,
+        return {"read": self.read, "written": self.written, "detected": self.detected,
                 "skipped": {reason: self.skipped[reason] for reason in SKIP_REASONS},
                 "examples": {reason: self.examples[reason] for reason in SKIP_REASONS if self.examples.get(reason)}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Report":
-        return cls(data["read"], data["written"], collections.Counter(data["skipped"]), dict(data["examples"]))
+        return cls(data["read"], data["written"], collections.Counter(data["skipped"]), dict(data["examples"]),
+                   data.get("detected", 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Loaded:
 
     image: bytes
     labels: dict[str, Any] = dataclasses.field(default_factory=dict)
+    detected: bool = False  # aligned by a detected face's landmarks
 
 
 class Source(Protocol):
@@ -253,6 +258,7 @@ def _write_shard(source: Source, out_dir: str, split: str, num_shards: int, shuf
             if _worker_counter is not None:
                 with _worker_counter.get_lock():
                     _worker_counter.value += 1
+        report.detected += loaded.detected
         labels = _final_labels(loaded.labels, table)
         records.append(schema.FaceRecord(
             image=loaded.image, identity=identity, source=item.source,
@@ -386,15 +392,13 @@ def convert(
 
 
 def image_problem(data: bytes) -> str | None:
-    """Why encoded image bytes cannot be a whole JPEG or PNG (None if they look complete).
+    """Why encoded image bytes cannot be a whole JPEG, PNG, BMP, GIF or WebP (None if they look complete).
 
     A structural check (format signature, end marker) that costs nothing next to decoding:
     it catches truncated files, which decoders may silently pad with grey.
     """
-    if data[:2] == b"\xff\xd8":
-        return None if b"\xff\xd9" in data[-16:] else "JPEG without its end marker (truncated?)"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return None if data.endswith(b"IEND\xaeB`\x82") else "PNG without its IEND chunk (truncated?)"
+    if data[:2] == b"\xff\xd8" or data[:8] == b"\x89PNG\r\n\x1a\n":
+        return images.truncation_problem(data)
     if data[:2] == b"BM" or data[:6] in (b"GIF87a", b"GIF89a") or data[8:12] == b"WEBP":
         return None
     return f"not a JPEG, PNG, BMP, GIF or WebP file (starts with {data[:8]!r})"
@@ -403,7 +407,8 @@ def image_problem(data: bytes) -> str | None:
 def print_summary(info: DatasetInfo, report: Report, out_dir: str, stream=sys.stderr) -> None:
     """The closing lines of a converter: what was written and what was skipped, and why."""
     lines = [f"wrote {report.written} images of {info.num_identities} identities to {out_dir} "
-             f"({len(info.shards)} shards); read {report.read}"]
+             f"({len(info.shards)} shards); read {report.read}"
+             + (f"; {report.detected} aligned by detected faces" if report.detected else "")]
     for reason in SKIP_REASONS:
         if report.skipped[reason]:
             lines.append(f"  skipped {report.skipped[reason]} ({reason}), e.g. {report.examples[reason][0]}")

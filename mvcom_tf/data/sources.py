@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from mvcom_tf.data import alignment, recordio, schema
+from mvcom_tf.data import alignment, images, recordio, schema
 from mvcom_tf.data.conversion import Item, Loaded, Report, Skip, image_problem
 from mvcom_tf.data.tfrecord import DatasetError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+ALIGN_MODES = ("detect", "landmarks", "none")
 
 
 class RecordIOSource:
@@ -109,16 +109,57 @@ def read_landmarks(path: str, report: Report) -> dict[str, np.ndarray]:
     return landmarks
 
 
+_DETECTORS: dict = {}  # one face detector per process and settings (a source is pickled to workers)
+
+
 @dataclasses.dataclass
 class FolderSource:
-    """`root/<identity>/<image>` folders; landmarks (NAME_ID = `<identity>/<image without extension>`) optional."""
+    """`root/<identity>/<image>` folders of photographs in any format `images.decode_rgb` reads.
+
+    `align`: `landmarks` aligns by the landmark file's row (NAME_ID = `<identity>/<image without
+    extension>`) and skips images without one; `detect` uses the row when there is one and
+    otherwise the landmarks of the face MTCNN finds (skipping `no_face`); `none` resizes the
+    whole image (folders that are already aligned).
+    """
 
     root: str
     landmarks_path: str = ""
     image_size: int = alignment.ALIGNED_SIZE
-    require_landmarks: bool = False
+    align: str = "none"
     blur_thresholds: tuple[float, ...] = alignment.BLUR_THRESHOLDS
     jpeg_quality: int = 95
+    min_confidence: float = 0.9
+    min_face_size: int = 20
+
+    def __post_init__(self) -> None:
+        if self.align not in ALIGN_MODES:
+            raise ValueError(f"unknown align mode {self.align!r}; expected one of {ALIGN_MODES}")
+        if self.align == "landmarks" and not self.landmarks_path:
+            raise DatasetError("align=landmarks needs a landmark file (--landmarks)")
+
+    def _detector(self):
+        from mvcom_tf.data.detection import FaceDetector
+
+        key = (self.min_confidence, self.min_face_size)
+        if key not in _DETECTORS:
+            _DETECTORS[key] = FaceDetector(self.min_confidence, self.min_face_size)
+        return _DETECTORS[key]
+
+    def landmarks_of(self, image: np.ndarray, points: np.ndarray | None) -> tuple[np.ndarray | None, bool]:
+        """The landmarks to align by (None: resize) and whether they were detected; raises Skip."""
+        if self.align == "none":
+            return None, False
+        if points is not None:
+            return points, False
+        if self.align == "landmarks":
+            raise Skip("no_landmarks", "no row in the landmark file")
+        from mvcom_tf.data.detection import choose
+
+        face = choose(self._detector().detect(image), image.shape)
+        if face is None:
+            raise Skip("no_face", f"no face of confidence >= {self.min_confidence} and >= {self.min_face_size} px "
+                                  f"in the {image.shape[1]}x{image.shape[0]} image")
+        return face.landmarks, True
 
     def items(self, report: Report) -> list[Item]:
         if not tf.io.gfile.isdir(self.root):
@@ -131,53 +172,50 @@ class FolderSource:
             if not tf.io.gfile.isdir(folder):
                 continue
             for name in sorted(tf.io.gfile.listdir(folder)):
-                if not name.lower().endswith(IMAGE_EXTENSIONS):
+                if not name.lower().endswith(images.IMAGE_EXTENSIONS):
                     continue
                 source = f"{identity}/{name}"
                 points = landmarks.get(posixpath.splitext(source)[0])
                 items.append(Item(source, identity, (posixpath.join(folder, name), points)))
         if not items:
             raise DatasetError(f"{self.root} holds no images in <identity>/<image> subfolders "
-                               f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+                               f"(extensions {', '.join(images.IMAGE_EXTENSIONS)})")
         return items
 
     def load(self, item: Item) -> Loaded:
         path, points = item.locator
         with tf.io.gfile.GFile(path, "rb") as f:
             data = f.read()
-        problem = image_problem(data)
-        if problem:
-            raise Skip("undecodable_image", problem)
         try:
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as error:
-            raise Skip("undecodable_image", error.message.splitlines()[0]) from None
+            image = images.decode_rgb(data)
+        except images.ImageProblem as problem:
+            raise Skip(problem.reason, problem.detail) from None
+        points, detected = self.landmarks_of(image, points)
         labels: dict[str, Any] = {}
         if points is not None:
-            face = alignment.align_face(image, points, self.image_size)
+            face = alignment.align_face(tf.constant(image), points, self.image_size)
             labels["yaw"] = alignment.estimate_yaw(points)
             labels["pose"] = schema.pose_bin(labels["yaw"])
-        elif self.require_landmarks:
-            raise Skip("no_landmarks", "no row in the landmark file")
         else:
             face = tf.cast(tf.round(tf.image.resize(image, [self.image_size] * 2, antialias=True)), tf.uint8)
         measured = tf.cast(face, tf.float32)
         if self.image_size != alignment.ALIGNED_SIZE:
             measured = tf.image.resize(measured, [alignment.ALIGNED_SIZE] * 2)
         labels["blur"] = alignment.blur_class(float(alignment.laplacian_variance(measured)), self.blur_thresholds)
-        return Loaded(tf.io.encode_jpeg(face, quality=self.jpeg_quality).numpy(), labels)
+        return Loaded(tf.io.encode_jpeg(face, quality=self.jpeg_quality).numpy(), labels, detected)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", **dataclasses.asdict(self)}
 
 
-def vggface2(root: str, subset: str = "train", **options) -> FolderSource:
+def vggface2(root: str, subset: str = "train", align: str = "landmarks", **options) -> FolderSource:
     """VGGFace2 as distributed: `<root>/<subset>/<n000002>/<0001_01>.jpg` and
-    `<root>/bb_landmark/loose_landmark_<subset>.csv`; faces without landmarks are skipped."""
+    `<root>/bb_landmark/loose_landmark_<subset>.csv`; faces without a landmark row are skipped
+    (align `landmarks`) or detected (align `detect`)."""
     landmarks = posixpath.join(root, "bb_landmark", f"loose_landmark_{subset}.csv")
     if not tf.io.gfile.exists(landmarks):
         raise DatasetError(f"{landmarks} is missing: VGGFace2's landmark CSV is needed to align the faces")
-    return FolderSource(posixpath.join(root, subset), landmarks, require_landmarks=True, **options)
+    return FolderSource(posixpath.join(root, subset), landmarks, align=align, **options)
 
 
 def define_image_flags() -> None:
@@ -189,6 +227,9 @@ def define_image_flags() -> None:
     flags.DEFINE_list("blur_thresholds", [str(t) for t in alignment.BLUR_THRESHOLDS],
                       "Laplacian-variance edges of blur classes severe|moderate|mild (tools/calibrate_blur.py).")
     flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the stored faces.", lower_bound=1, upper_bound=100)
+    flags.DEFINE_float("min_confidence", 0.9, "Face detection: the lowest MTCNN confidence kept.", lower_bound=0.0,
+                       upper_bound=1.0)
+    flags.DEFINE_integer("min_face_size", 20, "Face detection: the smallest face side in pixels kept.", lower_bound=1)
 
 
 def image_options_from_flags() -> dict[str, Any]:
@@ -197,4 +238,5 @@ def image_options_from_flags() -> dict[str, Any]:
 
     options = flags.FLAGS
     return {"image_size": options.image_size, "jpeg_quality": options.jpeg_quality,
-            "blur_thresholds": tuple(float(t) for t in options.blur_thresholds)}
+            "blur_thresholds": tuple(float(t) for t in options.blur_thresholds),
+            "min_confidence": options.min_confidence, "min_face_size": options.min_face_size}

@@ -164,6 +164,13 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 def render_face(identity: Identity, yaw: float, occlusion: int, blur: int, size: int,
                 rng: np.random.Generator) -> np.ndarray:
     """Renders one face as uint8 [size, size, 3]."""
+    return render_face_with_landmarks(identity, yaw, occlusion, blur, size, rng)[0]
+
+
+def render_face_with_landmarks(identity: Identity, yaw: float, occlusion: int, blur: int, size: int,
+                               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Renders one face, and where its 5 landmarks were drawn: [5, 2] pixel (x, y) of the image-left and
+    image-right eye centres, the nose tip, the image-left and image-right mouth corners (ArcFace's order)."""
     p = identity.params
     theta = math.radians(yaw)
     cos_t, sin_t = math.cos(theta), math.sin(theta)
@@ -227,7 +234,11 @@ def render_face(identity: Identity, yaw: float, occlusion: int, blur: int, size:
     _occlude(canvas, occlusion, p, at, face_w, rng)
     image = _gaussian_blur(canvas.image, BLUR_SIGMA_AT_64[blur] * size / 64.0)
     image = image + rng.normal(0.0, 3.0, image.shape)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+    mouth_half = p["mouth_w"] * zoom * (0.5 + 0.5 * cos_t)
+    points = np.array([at(-p["eye_x"], p["eye_y"], 0.6), at(p["eye_x"], p["eye_y"], 0.6), (tip_x, tip_y),
+                       (mx - mouth_half, my), (mx + mouth_half, my)])
+    # Canvas coordinates: pixel i's centre is at (i + 0.5) / size * 2 - 1.
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), (points + 1.0) / 2.0 * size - 0.5
 
 
 def _occlude(canvas: _Canvas, occlusion: int, p: dict, at, face_w: float, rng: np.random.Generator) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
-KINDS = ("bin", "pairs", "rfw", "ijb", "synthetic")
+KINDS = ("bin", "pairs", "csv", "rfw", "ijb", "synthetic")
 
 
 def parse_benchmark(spec: str) -> tuple[str, str]:

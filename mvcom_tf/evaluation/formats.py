@@ -5,6 +5,7 @@ Every reader raises DatasetError naming the file, the line and what was expected
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import pickle
@@ -97,6 +98,39 @@ def read_lfw_pairs(path: str, image_dir: str, extension: str = ".jpg") -> PairLi
                                f"got {line!r}")
     if not same:
         raise DatasetError(f"{path}: no pairs")
+    return PairList(list(index), np.array(first), np.array(second), np.array(same))
+
+
+_SAME_COLUMNS = ("same", "issame", "is_same", "decision", "label", "match")
+_SAME_VALUES = {"1": True, "yes": True, "true": True, "same": True, "y": True,
+                "0": False, "no": False, "false": False, "different": False, "n": False}
+
+
+def read_pair_csv(path: str) -> PairList:
+    """A CSV of image pairs: the first two columns are image paths (relative to the CSV's folder), and a
+    same/different column (`same`, `issame`, `decision`, `label`, ...) holds 1/0, Yes/No or true/false."""
+    with tf.io.gfile.GFile(path) as f:
+        rows = [row for row in csv.reader(f) if row and any(field.strip() for field in row)]
+    if len(rows) < 2:
+        raise DatasetError(f"{path}: expected a header and at least one pair")
+    header = [name.strip().lower() for name in rows[0]]
+    column = next((header.index(name) for name in _SAME_COLUMNS if name in header), None)
+    if column is None or len(header) < 3:
+        raise DatasetError(f"{path}: the header {rows[0]} needs two image columns and a same/different column "
+                           f"(one of {', '.join(_SAME_COLUMNS)})")
+    folder = posixpath.dirname(path)
+    index: dict[str, int] = {}
+    first, second, same = [], [], []
+    for line_number, row in enumerate(rows[1:], 2):
+        value = row[column].strip().lower() if len(row) > column else ""
+        if value not in _SAME_VALUES or len(row) < 2:
+            raise DatasetError(f"{path} line {line_number}: {row[column] if len(row) > column else 'nothing'!r} "
+                               f"in column {rows[0][column]!r} is not one of {', '.join(_SAME_VALUES)}")
+        paths = [field.strip() if field.strip().startswith("/") or "://" in field else
+                 posixpath.join(folder, field.strip()) for field in row[:2]]
+        first.append(index.setdefault(paths[0], len(index)))
+        second.append(index.setdefault(paths[1], len(index)))
+        same.append(_SAME_VALUES[value])
     return PairList(list(index), np.array(first), np.array(second), np.array(same))
 
 

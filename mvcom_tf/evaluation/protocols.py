@@ -1,4 +1,4 @@
-"""The verification benchmarks, one function per kind: bin, pairs, rfw, ijb, synthetic.
+"""The verification benchmarks, one function per kind: bin, pairs, csv, rfw, ijb, synthetic.
 
 Each takes an embedding function (uint8 images [B, S, S, 3] -> embeddings) and a path, streams
 the images through it (image + horizontal flip, summed, L2-normalised), and returns a
@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from mvcom_tf.data import alignment, schema
+from mvcom_tf.data import alignment, images, schema
 from mvcom_tf.data.pipeline import eval_dataset
 from mvcom_tf.data.tfrecord import DatasetError, read_info
 from mvcom_tf.evaluation import formats, ijb, metrics
@@ -57,8 +57,14 @@ def file_images(paths: list[str], landmarks: list[np.ndarray | None], image_size
             transforms[index] = alignment.alignment_transform(points, image_size)
             aligned[index] = True
 
+    def decode(data: bytes) -> np.ndarray:
+        try:
+            return images.decode_rgb(data)
+        except images.ImageProblem as problem:
+            raise DatasetError(f"an image of the benchmark: {problem}") from None
+
     def load(path, transform, align):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.numpy_function(decode, [tf.io.read_file(path)], tf.uint8, stateful=False)
         image = tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32)
         face = tf.cond(align, lambda: alignment.warp(image, transform, image_size),
                        lambda: tf.image.resize(image, [image_size, image_size], antialias=True))
@@ -95,12 +101,46 @@ def _pair_scores(embed: EmbedFn, pairs: formats.PairList, landmarks, image_size:
     return np.sum(embeddings[pairs.first] * embeddings[pairs.second], axis=1)
 
 
+def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray | None], list[str]]:
+    """Each photo's detected landmarks, None for a photo already aligned (the model's input size, or 112
+    px square), and the photos in which no face was found (they are embedded whole, resized)."""
+    from mvcom_tf.data.detection import FaceDetector, choose
+
+    detector, landmarks, no_face = FaceDetector(), [], []
+    for path in paths:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            try:
+                image = images.decode_rgb(f.read())
+            except images.ImageProblem as problem:
+                raise DatasetError(f"{path}: {problem}") from None
+        if image.shape[0] == image.shape[1] and image.shape[0] in (image_size, alignment.ALIGNED_SIZE):
+            landmarks.append(None)
+            continue
+        face = choose(detector.detect(image), image.shape)
+        landmarks.append(None if face is None else face.landmarks)
+        if face is None:
+            no_face.append(path)
+    return landmarks, no_face
+
+
+def _photo_pairs(embed: EmbedFn, pairs: formats.PairList, name: str, image_size: int, batch_size: int) -> Scored:
+    """Pairs of photographs: detected and aligned unless already aligned; faceless photos counted and named."""
+    landmarks, no_face = photo_landmarks(pairs.paths, image_size)
+    scored = _verification(_pair_scores(embed, pairs, landmarks, image_size, batch_size), pairs.same, name)
+    scored.result.update(no_face=len(no_face), no_face_images=no_face)
+    return scored
+
+
 def run_pairs(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
-    """An LFW-style pairs.txt (or a folder holding one) over aligned faces `<name>/<name>_NNNN.jpg` beside it."""
+    """An LFW-style pairs.txt (or a folder holding one) over faces `<name>/<name>_NNNN.jpg` beside it."""
     pairs_file = posixpath.join(path, "pairs.txt") if tf.io.gfile.isdir(path) else path
     pairs = formats.read_lfw_pairs(pairs_file, posixpath.dirname(pairs_file))
-    scores = _pair_scores(embed, pairs, [None] * len(pairs.paths), image_size, batch_size)
-    return _verification(scores, pairs.same, posixpath.basename(path.rstrip("/")))
+    return _photo_pairs(embed, pairs, posixpath.basename(path.rstrip("/")), image_size, batch_size)
+
+
+def run_csv(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
+    """A CSV of photo pairs (two image paths and a same/different column), photos of any size."""
+    return _photo_pairs(embed, formats.read_pair_csv(path), posixpath.basename(path), image_size, batch_size)
 
 
 def run_rfw(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
@@ -178,7 +218,8 @@ def run_synthetic(embed: EmbedFn, path: str, image_size: int, batch_size: int) -
     return scored
 
 
-RUNNERS = {"bin": run_bin, "pairs": run_pairs, "rfw": run_rfw, "ijb": run_ijb, "synthetic": run_synthetic}
+RUNNERS = {"bin": run_bin, "pairs": run_pairs, "csv": run_csv, "rfw": run_rfw, "ijb": run_ijb,
+           "synthetic": run_synthetic}
 
 
 def run_benchmark(kind: str, path: str, embed: EmbedFn, image_size: int, batch_size: int = 256) -> Scored:

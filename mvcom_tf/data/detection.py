@@ -1,0 +1,69 @@
+"""Face detection with 5 landmarks (MTCNN, the `mtcnn` package: TensorFlow, weights in its wheel).
+
+`FaceDetector.detect` returns every face of an RGB image with its box, confidence and landmarks in
+the ArcFace reference order (image-left eye, image-right eye, nose, image-left and image-right
+mouth corners), in the image's own pixel coordinates; large images are scaled down for the
+detector and the results mapped back. `choose` keeps one face per image by insightface's rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+_KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+
+@dataclasses.dataclass(frozen=True)
+class Face:
+    """One detection: box (x, y, width, height), confidence, and landmarks [5, 2] (x, y)."""
+
+    box: tuple[float, float, float, float]
+    confidence: float
+    landmarks: np.ndarray
+
+
+class FaceDetector:
+    """MTCNN with a confidence floor, a minimum face size and a cap on the side of the image it sees."""
+
+    def __init__(self, min_confidence: float = 0.9, min_face_size: int = 20, max_side: int = 1024) -> None:
+        self.min_confidence, self.min_face_size, self.max_side = min_confidence, min_face_size, max_side
+        self._mtcnn = None  # built on first use: a converter's worker process builds its own
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Every face in an RGB uint8 image [H, W, 3] at or above the confidence floor and size."""
+        import tensorflow as tf
+
+        if self._mtcnn is None:
+            from mtcnn import MTCNN
+
+            self._mtcnn = MTCNN()
+        height, width = image.shape[:2]
+        scale = min(1.0, self.max_side / max(height, width))
+        if scale < 1.0:
+            size = [max(1, round(height * scale)), max(1, round(width * scale))]
+            image = tf.cast(tf.round(tf.image.resize(image, size, antialias=True)), tf.uint8).numpy()
+        faces = []
+        for found in self._mtcnn.detect_faces(np.ascontiguousarray(image[..., :3])):
+            x, y, w, h = (float(v) / scale for v in found["box"])
+            if found["confidence"] < self.min_confidence or min(w, h) < self.min_face_size:
+                continue
+            points = np.array([found["keypoints"][name] for name in _KEYPOINTS], np.float64) / scale
+            faces.append(Face((x, y, w, h), float(found["confidence"]), points))
+        return faces
+
+
+def choose(faces: list[Face], image_shape: tuple[int, ...]) -> Face | None:
+    """The face a one-person photo is about: the largest box, less twice the squared distance of its centre
+    from the image centre (insightface's rule in RetinaFace's `detect(max_num=1)`); None if there is none."""
+    if not faces:
+        return None
+    centre = np.array([image_shape[1], image_shape[0]], np.float64) / 2.0
+
+    def value(face: Face) -> float:
+        x, y, w, h = face.box
+        offset = np.array([x + w / 2.0, y + h / 2.0]) - centre
+        return w * h - 2.0 * float(offset @ offset)
+
+    return max(faces, key=value)
