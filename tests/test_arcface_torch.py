@@ -93,6 +93,9 @@ def test_onnx_and_pt_models_evaluate_like_pytorch(tmp_path):
     from_pt = evaluate(fixture("backbone.pt"), spec, str(tmp_path / "pt"))["synthetic:test"]
     assert abs(from_onnx["accuracy"] - from_pt["accuracy"]) <= 1.0 / (12 * 14 * 2)
     assert (tmp_path / "onnx" / "results.json").exists()
+    missing = run_module(["-m", "mvcom_tf.evaluate", f"--model={tmp_path / 'absent.onnx'}",
+                          f"--benchmark=synthetic:{tmp_path / 'test'}"])
+    assert missing.returncode == 2 and f"--model={tmp_path / 'absent.onnx'} does not exist" in missing.stderr
 
 
 def _archive(pickled: bytes, extra=()) -> bytes:

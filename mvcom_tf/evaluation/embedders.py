@@ -21,6 +21,11 @@ def saved_model_dir(model: str) -> str:
 
 def load_embedder(model: str, image_size: int = 0, onnx_input: OnnxInput | None = None):
     """(embed function on uint8 images [B, H, W, 3] -> L2-normalised embeddings, image size) of --model."""
+    if model.endswith((".onnx", ".pt", ".pth")):
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(model):
+            raise FileNotFoundError(f"--model={model} does not exist")
     if model.endswith(".onnx"):
         return onnx_embedder(model, image_size, onnx_input or OnnxInput())
     if model.endswith((".pt", ".pth")):
