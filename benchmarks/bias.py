@@ -1,7 +1,7 @@
 """The bias study: does MvCoM reduce bias on the synthetic faces, against the headroom an oracle margin shows?
 
-    python benchmarks/bias.py [--out_dir=runs/bias --seeds=0,1,2,3,4 --jobs=2]
-    python benchmarks/bias.py --quick          # the same study, tiny (a few minutes; the tests run it)
+    python -m benchmarks.bias [--out_dir=runs/bias --seeds=0,1,2,3,4 --jobs=2]
+    python -m benchmarks.bias --quick          # the same study, tiny (a few minutes; the tests run it)
 
 1. Data under <out_dir>/data: the demo's long-tailed `train` and balanced `meta` splits, and
    two pair splits with identities disjoint from them and from each other, `val` (every
@@ -40,8 +40,6 @@ import subprocess
 import sys
 import threading
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from absl import app, flags
@@ -397,7 +395,7 @@ def main(argv) -> None:
                                 for m in MEASURES} for factor in schema.FACTORS}},
         "mechanism": {arm: mechanism(runner, seeds, arms[arm]) for arm in ("mvcom_hard", "mvcom_random")},
         "selection": selection,
-        "command": "python benchmarks/bias.py" + (" --quick" if FLAGS.quick else ""),
+        "command": "python -m benchmarks.bias" + (" --quick" if FLAGS.quick else ""),
         "date": datetime.date.today().isoformat(),
     }
     report = markdown(study_json, selection)

@@ -1,6 +1,6 @@
 """Converter throughput: RecordIO -> TFRecord (a byte copy) and VGGFace2-style 5-point alignment.
 
-    python benchmarks/convert.py [--rec_images=60000 --align_images=600 --workers=2]
+    python -m benchmarks.convert [--rec_images=60000 --align_images=600 --workers=2]
 
 Builds a 112x112 JPEG RecordIO package (insightface header layout) and a folder of 250x250
 faces with landmarks under --work_dir, converts each with the real converter engine
@@ -14,11 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from absl import app, flags

@@ -1,6 +1,6 @@
 """Face detection + alignment throughput of the folder converter, against the same folder resized (no detection).
 
-    python benchmarks/detect.py [--images=200 --workers=2]
+    python -m benchmarks.detect [--images=200 --workers=2]
 
 Photographs: synthetic faces (96-160 px) pasted at varying places on textured backgrounds of
 250x250 (LFW's size) and 1280x720, written as JPEGs in `<identity>/<image>` folders. Each folder
@@ -15,11 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from absl import app, flags

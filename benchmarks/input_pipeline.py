@@ -1,6 +1,6 @@
 """Training input pipeline throughput at 112x112: decode + flip, with and without blur/occlusion synthesis.
 
-    python benchmarks/input_pipeline.py [--images=4000 --batch=128 --batches=60 --blur_prob=0.5 --occlusion_prob=0.5]
+    python -m benchmarks.input_pipeline [--images=4000 --batch=128 --batches=60 --blur_prob=0.5 --occlusion_prob=0.5]
 
 Writes a split of 112x112 JPEG faces (TFRecord schema v1) to a temporary folder and reads it
 with `mvcom_tf.data.pipeline.train_dataset`, as training does (shuffle, decode, flip, the
@@ -13,11 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

@@ -1,6 +1,6 @@
 """What TensorFlow's own convolution kernels allow: the IResNet step's convolutions timed alone.
 
-    python benchmarks/kernels.py [--backbone=iresnet100 --image_size=112 --batch=8 --repeats=7]
+    python -m benchmarks.kernels [--backbone=iresnet100 --image_size=112 --batch=8 --repeats=7]
 
 Every distinct convolution of the backbone (shape, kernel, stride) is timed forward, and forward
 plus both backward kernels (input and filter gradients), at the training batch, in float32 and
@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

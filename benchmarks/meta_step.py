@@ -1,6 +1,6 @@
 """Seconds per iteration of the plain CosFace step and of the MvCoM meta step, side by side.
 
-    python benchmarks/meta_step.py [--backbone=iresnet18 --image_size=112 --batch=16 --repeats=5]
+    python -m benchmarks.meta_step [--backbone=iresnet18 --image_size=112 --batch=16 --repeats=5]
 
 Each variant runs in its own process (same model, same batch; the meta batch as large as the
 training batch, and half as large for the rows marked so). Prints a table, then one JSON line.
@@ -9,10 +9,6 @@ training batch, and half as large for the rows marked so). Prints a table, then 
 from __future__ import annotations
 
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

@@ -28,19 +28,18 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
         keras.mixed_precision.set_global_policy(f"mixed_{precision}")
     compile_step = (lambda fn: tf.function(fn, jit_compile=True)) if jit_compile else tf.function
 
+    from mvcom_tf.config import Schedule, TrainConfig
     from mvcom_tf.data import schema
-    from mvcom_tf.meta.step import MetaStep
-    from mvcom_tf.models.heads import MarginHead, VariationHeads
-    from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
+    from mvcom_tf.stages.build import build_meta_step, build_model
     from mvcom_tf.steps import MarginStep
 
     keras.utils.set_random_seed(0)
-    model = build_iresnet(backbone, image_size, 512)
-    head = MarginHead(num_classes, dtype=float32_if_mixed())
-    head.build((None, 512))
-    optimizer = keras.optimizers.SGD(0.01, momentum=0.9, weight_decay=5e-4)
-    optimizer.build(model.trainable_variables + head.trainable_variables)
-    margin_step = MarginStep(model, head, optimizer, tf.fill([num_classes], 0.35), batch)
+    scope = "all" if kind == "plain" else kind.removeprefix("meta_")
+    config = TrainConfig(backbone=backbone, image_size=image_size, batch_size=batch, meta_batch_size=meta_batch,
+                         meta_scope=scope, meta_sampling="random", meta_lr_tau=1000.0, residual_max=0.2,
+                         mixed_precision="none" if precision == "float32" else precision)
+    model, head, optimizer = build_model(config, num_classes, 1, Schedule(1, 0.01, ()))
+    margins = tf.fill([num_classes], 0.35)
     rng = np.random.default_rng(0)
 
     def labelled(n):
@@ -51,14 +50,9 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
 
     batch_data, meta_data = labelled(batch), labelled(meta_batch)
     if kind == "plain":
+        margin_step = MarginStep(model, head, optimizer, margins, batch)
         return compile_step(lambda: margin_step(batch_data)), batch
-    heads = VariationHeads(dtype=float32_if_mixed())
-    heads.build((None, 512))
-    heads_optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-    heads_optimizer.build(heads.trainable_variables)
-    meta_step = MetaStep(margin_step, heads, heads_optimizer, tau=1000.0, inner_lr=0.0, residual_max=0.2,
-                         scope=kind.removeprefix("meta_"), factor_weights=(1, 1, 1, 1), sampling="random",
-                         meta_batch=meta_batch, global_meta_batch=meta_batch)
+    meta_step, _ = build_meta_step(config, model, head, optimizer, margins, {}, replicas=1)
     return compile_step(lambda: meta_step(batch_data, meta_data)), batch
 
 
@@ -88,7 +82,7 @@ def time_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch:
 
 def run_isolated(**kwargs) -> dict:
     """time_step in a fresh Python process, so that each variant's peak memory is its own."""
-    code = f"import json, sys; sys.path.insert(0, {REPO!r}); from benchmarks.steps import time_step; " \
+    code = "import json; from benchmarks.steps import time_step; " \
            f"print(json.dumps(time_step(**{kwargs!r})))"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)

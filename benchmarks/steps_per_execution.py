@@ -1,6 +1,6 @@
 """Steps/s of a small training step with one step per tf.function call and with several (--steps_per_execution).
 
-    python benchmarks/steps_per_execution.py [--backbone=iresnet18 --width_multiplier=0.125 --image_size=32
+    python -m benchmarks.steps_per_execution [--backbone=iresnet18 --width_multiplier=0.125 --image_size=32
                                               --batch=16 --steps=200 --per_call=1,5,20]
 
 The loop's own CompiledSteps on an in-memory input iterator (the same batches for every variant,
@@ -11,11 +11,7 @@ baseline is 1 step per call. Prints a table, then one JSON line.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
@@ -34,7 +30,7 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from mvcom_tf.loop import CompiledSteps
+    from mvcom_tf.training.compiled import CompiledSteps
     from mvcom_tf.models.heads import MarginHead
     from mvcom_tf.models.iresnet import build_iresnet
     from mvcom_tf.steps import MarginStep
@@ -57,14 +53,14 @@ def main(argv):
     compiled = {n: CompiledSteps(strategy, steps_per_execution=n) for n in per_call}
     iterator = iter(dataset)
     for n in per_call:
-        compiled[n](step, iterator, None, n)  # trace and warm up
+        compiled[n](step, (iterator,), n)  # trace and warm up
     seconds = {n: 0.0 for n in per_call}
     for order in (per_call, per_call[::-1]):
         for n in order:
             start = time.perf_counter()
             for _ in range(FLAGS.steps // n):
-                metrics = compiled[n](step, iterator, None, n)
-            float(metrics["loss"])  # waits for the last call
+                output = compiled[n](step, (iterator,), n)
+            float(output.sums.identity.loss)  # waits for the last call
             seconds[n] += time.perf_counter() - start
     rate = {n: 2 * (FLAGS.steps // n) * n / seconds[n] for n in per_call}
     baseline = rate[per_call[0]]

@@ -1,6 +1,6 @@
 """Training images/s of the plain margin-loss step and of the MvCoM meta step: tf.function vs XLA, float32 vs bfloat16.
 
-    python benchmarks/train_step.py [--backbones=iresnet50,iresnet100 --meta_backbones=iresnet50
+    python -m benchmarks.train_step [--backbones=iresnet50,iresnet100 --meta_backbones=iresnet50
                                      --image_size=112 --batch=8 --repeats=5 --meta_repeats=3]
 
 Every variant runs in its own process (same model, same batch; the meta batch as large as the
@@ -13,10 +13,6 @@ table, then one JSON line keyed `<backbone>_<float32|bfloat16>_<eager|xla>` and
 from __future__ import annotations
 
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

@@ -170,5 +170,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_main() -> None:
+    """The console script (and `python -m`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()

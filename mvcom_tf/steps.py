@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from mvcom_tf.losses.margins import identity_loss
 from mvcom_tf.models.heads import MarginHead
+from mvcom_tf.training.metrics import StepOutput, StepSums, identity_sums
 
 
 class MarginStep:
@@ -80,40 +81,14 @@ class MarginStep:
         apply_where(finite, self.apply, gradients, statistics)
         return tf.cast(finite, tf.float32)
 
-    def for_step(self, step: int) -> "MarginStep":
-        """The callable to run at a global step (every step is the same here)."""
-        return self
-
-    def summaries(self, sums: dict) -> dict[str, float]:
-        """Scalars of this step beyond the loop's own (none)."""
-        return {}
-
-    def figures(self, latest: dict) -> dict:
-        """Pictures for TensorBoard (none)."""
-        return {}
-
-    def __call__(self, batch: dict[str, tf.Tensor], meta_batch=None) -> dict[str, tf.Tensor]:
+    def __call__(self, batch: dict[str, tf.Tensor]) -> StepOutput:
+        """One step on a training batch."""
         labels = batch["identity"]
         margins = self.margins(batch)
         per_sample, logits, gradients, statistics = self.losses_and_gradients(batch["image"], labels, margins)
         applied = self.update(gradients, statistics, per_sample)
-        return batch_metrics(per_sample, logits, labels, margins, applied if self.skip_nonfinite else None)
-
-
-def batch_metrics(per_sample_loss, logits, labels, margins, applied=None) -> dict[str, tf.Tensor]:
-    """Per-replica sums for the progress line and TensorBoard (divided by the global batch later).
-
-    A skipped step (`applied` 0) reports nothing but `skipped`, so its NaNs stay out of the sums.
-    """
-    correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
-    metrics = {"loss": tf.reduce_sum(per_sample_loss), "accuracy": tf.reduce_sum(correct),
-               "margin": tf.reduce_sum(margins), "margin_sq": tf.reduce_sum(tf.square(margins)),
-               "images": tf.cast(tf.size(labels), tf.float32)}
-    if applied is None:
-        return metrics
-    metrics = {name: tf.where(applied > 0, tf.cast(value, tf.float32), 0.0) for name, value in metrics.items()}
-    metrics["skipped"] = 1.0 - applied
-    return metrics
+        sums = identity_sums(per_sample, logits, labels, margins, applied if self.skip_nonfinite else None)
+        return StepOutput(StepSums(images=tf.cast(tf.size(labels), tf.float32), identity=sums))
 
 
 def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
@@ -156,3 +131,4 @@ def assign_statistics(model: keras.Model, statistics: list[tf.Tensor]) -> None:
         merge(tf.distribute.get_strategy(), statistics)
     else:
         context.merge_call(merge, args=(statistics,))
+

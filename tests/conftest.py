@@ -1,15 +1,12 @@
 """Test set-up: two logical CPU devices (for MirroredStrategy) and small synthetic datasets made once."""
 
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Logical devices must be configured before TensorFlow's runtime starts, so it happens at import.
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -41,10 +38,3 @@ def tiny_data(tmp_path_factory):
     for split, config in configs.items():
         synthetic.write_split(str(root / split), split, config, num_shards=2)
     return root
-
-
-def run_module(args, cwd=REPO, timeout=600, env=None):
-    """Runs `python <args>` in a fresh process; returns the CompletedProcess (text)."""
-    full_env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)

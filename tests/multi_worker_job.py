@@ -1,6 +1,6 @@
 """One process of the multi-worker check (run by test_multi_worker.py, not collected by pytest).
 
-    python tests/multi_worker_job.py <single|worker> <index> <port,port> <out.npz> <pretrain|meta>
+    python -m tests.multi_worker_job <single|worker> <index> <port,port> <out.npz> <pretrain|meta>
 
 Takes two steps of the margin step (pretrain) or the MvCoM meta step (meta) in float64 on fixed
 batches, each replica its slice of the global batch, and saves every weight before and after to out.npz.
@@ -15,14 +15,13 @@ if role == "worker":
     os.environ["TF_CONFIG"] = json.dumps({
         "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports.split(",")]},
         "task": {"type": "worker", "index": int(index)}})
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mvcom_tf.loop import make_strategy  # noqa: E402
-from tests.test_meta import build, make_batches  # noqa: E402
+from mvcom_tf.training.distribute import make_strategy  # noqa: E402
+from tests.helpers import build, make_batches  # noqa: E402
 
 keras.config.set_floatx("float64")
 keras.config.set_dtype_policy("float64")
@@ -48,7 +47,7 @@ initial = weights()
 
 @tf.function
 def run(batch, meta):
-    strategy.run(step, args=(batch, meta))
+    strategy.run(step, args=(batch, meta) if stage == "meta" else (batch,))
 
 
 for seed in range(2):

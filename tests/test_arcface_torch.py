@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
+from tests.helpers import run_module
 from mvcom_tf.data import synthetic
 from mvcom_tf.evaluation.embedders import OnnxInput, load_embedder
 from mvcom_tf.evaluation.run import evaluate

@@ -7,13 +7,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from conftest import run_module
+from tests.helpers import run_module
 from mvcom_tf.data import schema, synthetic
 from mvcom_tf.data.tfrecord import iterate_records
 from mvcom_tf.evaluation.metrics import paired_interval
 from mvcom_tf.evaluation.verification import read_pairs
 from mvcom_tf.losses.margins import head_classes, tail_class_offsets
-from mvcom_tf.meta.step import class_residual_summary, correlation, residual_sums, tail_sums
+from mvcom_tf.meta.statistics import class_residual_summary, correlation, residual_sums, tail_sums
 from mvcom_tf.steps import MarginStep
 
 
@@ -65,9 +65,9 @@ def test_residual_summaries_match_numpy():
     batch = {factor: rng.integers(-1, schema.NUM_CLASSES[factor], size) for factor in schema.FACTORS}
     batch["identity"] = np.zeros(size, np.int32)
     residuals = rng.normal(0.0, 0.05, (size, 4)) + 0.03 * (batch["pose"] != 3)[:, None]
-    sums = {k: v.numpy() for k, v in residual_sums(tf.constant(residuals), batch).items()}
+    sums = tf.nest.map_structure(np.asarray, residual_sums(tf.constant(residuals), batch))
     heads = {"pose": 3, "occlusion": 0, "blur": 0, "ethnicity": 2}
-    sums.update({k: v.numpy() for k, v in tail_sums(tf.constant(residuals), batch, heads).items()})
+    tail_totals = tf.nest.map_structure(np.asarray, tail_sums(tf.constant(residuals), batch, heads))
     for index, factor in enumerate(schema.FACTORS):
         summary = class_residual_summary(factor, sums, heads[factor])
         labels, values = batch[factor], residuals[:, index]
@@ -84,7 +84,7 @@ def test_residual_summaries_match_numpy():
     for factor in schema.FACTORS:
         tail |= (batch[factor] >= 0) & (batch[factor] != heads[factor])
     expected = np.corrcoef(residuals.sum(axis=1), tail.astype(float))[0, 1]
-    got = correlation(sums["tail/count"], sums["tail/r"], sums["tail/r_sq"], sums["tail/t"], sums["tail/rt"])
+    got = correlation(*tail_totals)
     np.testing.assert_allclose(got, expected, rtol=1e-9)
     assert np.isnan(correlation(3, 1.0, 1.0, 3, 1.0))  # a constant indicator has no correlation
 
@@ -98,7 +98,7 @@ def test_paired_interval_by_hand():
 
 def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     out_dir = tmp_path / "bias"
-    first = run_module(["benchmarks/bias.py", "--quick", f"--out_dir={out_dir}"], timeout=900)
+    first = run_module(["-m", "benchmarks.bias", "--quick", f"--out_dir={out_dir}"], timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads(first.stdout.strip().splitlines()[-1])
     assert report["seeds"] == [0, 1] and report["minutes"] > 0
@@ -129,7 +129,7 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     removed = out_dir / "seed1" / runs["mvcom_random"] / "metrics.json"
     kept_time = os.path.getmtime(kept)
     os.remove(removed)
-    second = run_module(["benchmarks/bias.py", "--quick", f"--out_dir={out_dir}"], timeout=900)
+    second = run_module(["-m", "benchmarks.bias", "--quick", f"--out_dir={out_dir}"], timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "1 runs trained in this invocation" in second.stdout
     assert removed.exists() and os.path.getmtime(kept) == kept_time

@@ -16,7 +16,7 @@ import tensorflow as tf
 from mvcom_tf.data import alignment, conversion, recordio, schema, sources
 from mvcom_tf.data.tfrecord import iterate_records, read_info
 from tests import recordio_files
-from tests.conftest import REPO, run_module
+from tests.helpers import REPO, run_module
 
 
 def _records(out_dir):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
+from tests.helpers import run_module
 from mvcom_tf.data import schema, synthetic
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_module
+from tests.helpers import run_module
 from mvcom_tf.data import alignment, conversion, images, sources, synthetic
 from mvcom_tf.data.detection import Face, FaceDetector, choose
 from mvcom_tf.evaluation.embedders import load_embedder

@@ -10,8 +10,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from conftest import REPO, run_module
-from test_train_cli import TINY, data_flags, final_weights
+from tests.helpers import REPO, TINY, data_flags, final_weights, run_module
 
 
 def _start(args, env=None):
@@ -29,7 +28,7 @@ def _wait_for(path, process, timeout=300):
 
 
 def test_three_kills_at_random_steps_end_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_data):
-    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=14",
+    args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=14",
             "--checkpoint_every=1", "--keep_checkpoints=2", "--epochs=3"]
     # The uninterrupted run goes on beside the killed ones (op determinism: load does not change its numbers).
     straight = _start([*args, f"--model_dir={tmp_path}/straight"])
@@ -51,7 +50,7 @@ def test_three_kills_at_random_steps_end_with_the_weights_of_an_uninterrupted_ru
 
 
 def test_sigterm_saves_exits_zero_and_resumes_from_that_step(tmp_path, tiny_data):
-    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=60",
+    args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=60",
             "--checkpoint_every=50", "--epochs=20", f"--model_dir={tmp_path}/run"]
     process = _start(args)
     # The tensorboard folder appears when training starts; give it a few steps.
@@ -69,12 +68,12 @@ def test_sigterm_saves_exits_zero_and_resumes_from_that_step(tmp_path, tiny_data
 
 
 def test_a_nan_batch_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
-    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=8",
+    args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=8",
             "--checkpoint_every=2", "--epochs=3"]
     # The skip run (below) goes on beside the stop run.
-    skipping = _start([*args, "--nan_policy=skip", "--steps_per_execution=2", f"--model_dir={tmp_path}/skip"],
-                      env={"MVCOM_TF_POISON_STEP": "5"})
-    stopped = run_module([*args, f"--model_dir={tmp_path}/stop"], env={"MVCOM_TF_POISON_STEP": "5"})
+    args.append("--debug_nan_step=5")
+    skipping = _start([*args, "--nan_policy=skip", "--steps_per_execution=2", f"--model_dir={tmp_path}/skip"])
+    stopped = run_module([*args, f"--model_dir={tmp_path}/stop"])
     assert stopped.returncode == 3, stopped.stderr[-2000:]
     last = f"{tmp_path}/stop/checkpoints/pretrain/ckpt-4"
     assert (f"error: [pretrain] the loss is nan at step 6; nothing of this step was saved. The last good "

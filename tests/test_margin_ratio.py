@@ -1,14 +1,10 @@
 """The seed's Sec. A ratio F(sigma), against the values METHOD.md checked in high precision."""
 
 import decimal
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-from plot_margin_ratio import margin_ratio  # noqa: E402
+from tools.plot_margin_ratio import margin_ratio
 
 
 def test_ratio_values_and_where_eq10_holds():

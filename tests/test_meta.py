@@ -7,73 +7,9 @@ import tensorflow as tf
 
 from mvcom_tf.data import schema
 from mvcom_tf.losses.margins import class_aware_margins
-from mvcom_tf.loop import make_strategy
+from mvcom_tf.training.distribute import make_strategy
 from mvcom_tf.meta.sampling import select_meta_batch
-from mvcom_tf.meta.step import MetaStep
-from mvcom_tf.models.heads import MarginHead, VariationHeads
-from mvcom_tf.models.iresnet import build_iresnet
-from mvcom_tf.steps import MarginStep
-
-NUM_IDS, BATCH, META, SIZE, ETA = 6, 8, 8, 16, 0.5
-
-
-def make_batches(seed=0):
-    rng = np.random.default_rng(seed)
-    batch = {"image": rng.normal(size=(BATCH, SIZE, SIZE, 3)), "identity": rng.integers(0, NUM_IDS, BATCH)}
-    meta = {"image": rng.normal(size=(META, SIZE, SIZE, 3))}
-    for factor in schema.FACTORS:
-        batch[factor] = rng.integers(0, schema.NUM_CLASSES[factor], BATCH)
-        labels = rng.integers(0, schema.NUM_CLASSES[factor], META)
-        labels[rng.random(META) < 0.3] = -1  # unknown labels mixed in
-        meta[factor] = labels
-    def cast(data):
-        return {k: tf.constant(v, keras.config.floatx() if k == "image" else tf.int32) for k, v in data.items()}
-
-    return cast(batch), cast(meta)
-
-
-def small_backbone(sync_bn):
-    """conv-BN-PReLU twice, then the IResNet output block: the meta step only needs the `output_` names.
-
-    Under MirroredStrategy every synchronised BatchNorm adds all-reduces whose custom gradients
-    TensorFlow traces slowly at second order; this keeps the distributed check quick."""
-    if not sync_bn:
-        return build_iresnet("iresnet18", SIZE, 8, width_multiplier=0.0625)
-    from mvcom_tf.models.iresnet import SyncBatchNormalization
-
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = inputs
-    for index in range(2):
-        x = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False, name=f"conv{index}")(x)
-        x = SyncBatchNormalization(name=f"bn{index}")(x)
-        x = keras.layers.PReLU(shared_axes=[1, 2], name=f"prelu{index}")(x)
-    x = SyncBatchNormalization(name="output_bn")(x)
-    x = keras.layers.Flatten(name="output_flatten")(x)
-    x = keras.layers.Dense(8, name="output_fc")(x)
-    outputs = SyncBatchNormalization(name="output_features", scale=False)(x)
-    return keras.Model(inputs, outputs)
-
-
-def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False):
-    keras.utils.set_random_seed(1)
-    with strategy.scope():
-        backbone = small_backbone(sync_bn)
-        head = MarginHead(NUM_IDS, scale=8.0)
-        head.build((None, 8))
-        heads = VariationHeads()
-        heads.build((None, 8))
-        for layer in heads.classifiers.values():  # non-trivial heads, so every factor's loss has a gradient
-            layer.kernel.assign(np.random.default_rng(2).normal(0, 1, layer.kernel.shape))
-        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-        optimizer.build(backbone.trainable_variables + head.trainable_variables)
-        heads_optimizer = keras.optimizers.SGD(0.1)
-        heads_optimizer.build(heads.trainable_variables)
-        prior = tf.constant(np.linspace(0.25, 0.45, NUM_IDS), keras.config.floatx())
-        margin_step = MarginStep(backbone, head, optimizer, prior, BATCH)
-        meta_step = MetaStep(margin_step, heads, heads_optimizer, tau=tau, inner_lr=ETA, residual_max=1e9,
-                             scope=scope, factor_weights=weights, sampling="random",
-                             meta_batch=META // strategy.num_replicas_in_sync, global_meta_batch=META)
-    return meta_step
+from tests.helpers import BATCH, ETA, META, build, make_batches
 
 
 def residuals_under(strategy, meta_step, batch, meta):
@@ -92,7 +28,7 @@ def residuals_under(strategy, meta_step, batch, meta):
     def run(b, m):
         def fn(b, m):
             prior = meta_step.margin_step.margins(b)
-            return meta_step.residuals(b, m, prior, meta_step.meta_features(m))[0]
+            return meta_step.residuals(b, m, prior, meta_step.trunk_features(m))[0]
         return strategy.run(fn, args=(b, m))
 
     return np.concatenate([r.numpy() for r in strategy.experimental_local_results(run(local_batch, local_meta))])

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
-from test_train_cli import TINY, data_flags
+from tests.helpers import REPO, TINY, data_flags
 
 
 def free_ports(count):
@@ -30,11 +29,11 @@ def _env(**extra):
 @pytest.mark.parametrize("stage", ["pretrain", "meta"])
 def test_two_workers_reach_the_weights_of_one_process_with_the_whole_batch(tmp_path, stage):
     ports = ",".join(str(p) for p in free_ports(2))
-    job = os.path.join(REPO, "tests", "multi_worker_job.py")
-    workers = [subprocess.Popen([sys.executable, job, "worker", str(i), ports, str(tmp_path / f"w{i}.npz"), stage],
+    job = ["-m", "tests.multi_worker_job"]
+    workers = [subprocess.Popen([sys.executable, *job, "worker", str(i), ports, str(tmp_path / f"w{i}.npz"), stage],
                                 cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
-    single = subprocess.run([sys.executable, job, "single", "0", "0", str(tmp_path / "one.npz"), stage], cwd=REPO,
+    single = subprocess.run([sys.executable, *job, "single", "0", "0", str(tmp_path / "one.npz"), stage], cwd=REPO,
                             env=_env(), capture_output=True, text=True, timeout=600)
     outputs = [w.communicate(timeout=600) for w in workers]
     assert single.returncode == 0, single.stderr[-2000:]
@@ -61,7 +60,7 @@ def test_only_the_chief_writes_files(tmp_path, tiny_data):
         scratch.append(folder)
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--strategy=multi_worker",
+            [sys.executable, "-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--strategy=multi_worker",
              "--max_steps=4", "--checkpoint_every=2", f"--eval_data=synthetic:{tiny_data}/test",
              f"--model_dir={run_dir}"],
             cwd=str(folder), env=_env(TF_CONFIG=tf_config, TMPDIR=str(folder / "tmp"), PYTHONPATH=REPO),

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tests.conftest import REPO, run_module
+from tests.helpers import run_module
 
 
 def test_plot_distributions_writes_a_png(tiny_data, tmp_path):
@@ -18,11 +18,8 @@ def test_plot_distributions_writes_a_png(tiny_data, tmp_path):
 
 def test_plot_margins_draws_the_learned_residuals(tiny_data, tmp_path):
     import json
-    import os
-    import sys
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from plot_margins import class_margins, example_faces
+    from tools.plot_margins import class_margins, example_faces
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -1,13 +1,11 @@
 """--steps_per_execution: several steps in one tf.function call take the steps of one step per call."""
 
-import types
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from mvcom_tf.loop import VALUES, CompiledSteps, execution_length
-from test_meta import build, make_batches
+from mvcom_tf.training.compiled import CompiledSteps, execution_length
+from tests.helpers import build, make_batches
 
 STEPS = 3
 
@@ -26,10 +24,10 @@ def run(kind, steps_per_execution, batches):
     meta_step = build(strategy, scope="head")
     step_fn = meta_step if kind == "meta" else meta_step.margin_step
     compiled = CompiledSteps(strategy, steps_per_execution=steps_per_execution)
-    iterator = iter(dataset_of([batch for batch, _ in batches]))
-    meta_iterator = iter(dataset_of([meta for _, meta in batches])) if kind == "meta" else None
-    calls = [compiled(step_fn, iterator, meta_iterator, steps_per_execution)
-             for _ in range(STEPS // steps_per_execution)]
+    iterators = (iter(dataset_of([batch for batch, _ in batches])),)
+    if kind == "meta":
+        iterators += (iter(dataset_of([meta for _, meta in batches])),)
+    calls = [compiled(step_fn, iterators, steps_per_execution) for _ in range(STEPS // steps_per_execution)]
     model = meta_step.margin_step
     weights = model.backbone.get_weights() + model.head.get_weights() + meta_step.heads.get_weights()
     return weights, calls
@@ -45,20 +43,23 @@ def test_one_call_of_three_steps_equals_three_calls(float64, kind):
     assert max(np.max(np.abs(a - b)) for a, b in zip(stepped, moved)) > 1e-3
     for a, b in zip(looped, stepped):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    assert set(summed) == set(calls[0])
-    for key, value in summed.items():
-        # Sums over the call's steps, except per-sample values: the last step's.
-        expected = calls[-1][key] if key.startswith(VALUES) else sum(call[key] for call in calls)
-        np.testing.assert_allclose(value, expected, rtol=1e-10, err_msg=key)
+    # Sums over the call's steps; per-sample values: the last step's.
+    expected = tf.nest.map_structure(lambda *values: sum(values), *[call.sums for call in calls])
+    tf.nest.assert_same_structure(summed.sums, expected)
+    for value, reference in zip(tf.nest.flatten(summed.sums), tf.nest.flatten(expected)):
+        np.testing.assert_allclose(value, reference, rtol=1e-10)
+    assert summed.sums.stage.residual and summed.samples
+    for value, reference in zip(tf.nest.flatten(summed.samples), tf.nest.flatten(calls[-1].samples)):
+        np.testing.assert_allclose(value, reference, rtol=1e-10)
 
 
 class Warmup:
-    """A step object whose callable changes after `warmup_steps`, like the meta stage's."""
+    """A stage whose replica step changes after `warmup_steps`, like the meta stage's."""
 
     def __init__(self, warmup_steps):
         self.warmup_steps = warmup_steps
 
-    def for_step(self, step):
+    def replica_step(self, step):
         return "warmup" if step < self.warmup_steps else "meta"
 
 
@@ -71,8 +72,8 @@ class Warmup:
     (3, 100, 3, 7),
 ])
 def test_calls_end_where_the_loop_has_work(step, last, warmup, expected):
-    config = types.SimpleNamespace(steps_per_execution=8, log_every=15, checkpoint_every=10, eval_every=12,
-                                   eval_data=())
-    assert execution_length(config, Warmup(warmup), step, last) == expected
-    with_eval = types.SimpleNamespace(**{**vars(config), "eval_data": ("synthetic:x",)})
-    assert execution_length(with_eval, Warmup(0), 8, 100) == 2 and execution_length(with_eval, Warmup(0), 10, 100) == 2
+    # --steps_per_execution=8, --log_every=15, --checkpoint_every=10; evaluations every 12 steps or none (0).
+    assert execution_length(Warmup(warmup), step, last, 8, [15, 10, 0]) == expected
+    with_eval = [15, 10, 12]
+    assert execution_length(Warmup(0), 8, 100, 8, with_eval) == 2
+    assert execution_length(Warmup(0), 10, 100, 8, with_eval) == 2

@@ -13,14 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_module
-
-TINY = ["--backbone=iresnet18", "--width_multiplier=0.125", "--embedding_size=16", "--batch_size=16",
-        "--stage=pretrain", "--log_every=2"]
-
-
-def data_flags(root):
-    return [f"--train_data={root}/train", f"--meta_data={root}/meta", f"--eval_data={root}/test"]
+from tests.helpers import REPO, TINY, data_flags, final_weights, run_module
 
 
 @pytest.mark.parametrize("flag,expected", [
@@ -36,7 +29,7 @@ def test_bad_flags_exit_with_a_message_naming_the_flag(tmp_path, flag, expected)
 
 
 def test_bad_data_folders_exit_with_a_message_naming_the_path(tmp_path, tiny_data):
-    result = run_module(["-m", "mvcom_tf.train", f"--train_data={tmp_path}/missing", *TINY,
+    result = run_module(["-m", "mvcom_tf.train", *TINY, f"--train_data={tmp_path}/missing",
                          f"--model_dir={tmp_path}/run"])
     assert result.returncode == 2
     assert f"error: --train_data: dataset folder {tmp_path}/missing does not exist" in result.stderr
@@ -47,20 +40,13 @@ def test_bad_data_folders_exit_with_a_message_naming_the_path(tmp_path, tiny_dat
         (other / item.name).write_bytes(item.read_bytes())
     info = json.loads((other / "dataset.json").read_text())
     (other / "dataset.json").write_text(json.dumps({**info, "schema_version": 2}))
-    result = run_module(["-m", "mvcom_tf.train", f"--train_data={other}", *TINY, f"--model_dir={tmp_path}/run"])
+    result = run_module(["-m", "mvcom_tf.train", *TINY, f"--train_data={other}", f"--model_dir={tmp_path}/run"])
     assert result.returncode == 2
     assert f"--train_data: {other}/dataset.json has schema_version 2" in result.stderr.strip().splitlines()[-1]
 
 
-def final_weights(run_dir, step):
-    reader = tf.train.load_checkpoint(f"{run_dir}/checkpoints/pretrain/ckpt-{step}")
-    # save_counter counts the saves, which depends on when the kill came: bookkeeping, not state.
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-            if name != "_CHECKPOINTABLE_OBJECT_GRAPH" and not name.startswith("save_counter")}
-
-
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_data):
-    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=12",
+    args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=12",
             "--checkpoint_every=3", "--epochs=3"]
     straight = run_module([*args, f"--model_dir={tmp_path}/straight"])
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -127,7 +113,7 @@ def test_saved_model_loads_without_mvcom_tf_and_matches(tmp_path):
 def test_eval_every_logs_verification_during_the_stage(tmp_path, tiny_data):
     """Also: --export_tflite and --export_onnx write their files beside the SavedModel."""
     run_dir = tmp_path / "run"
-    result = run_module(["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--max_steps=6", "--epochs=3",
+    result = run_module(["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--max_steps=6", "--epochs=3",
                          "--eval_every=3", f"--eval_data=synthetic:{tiny_data}/test", f"--model_dir={run_dir}",
                          "--export_tflite", "--export_onnx"])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -160,7 +146,7 @@ def _trainable_weights(run_dir, stage):
 def test_xla_and_bfloat16_steps_follow_the_plain_float32_step(tmp_path, tiny_data):
     """One pre-training step and one meta step: the weight updates of the XLA and bfloat16 runs point where the
     plain float32 run's do (an --lr=0 run gives the initial weights)."""
-    args = ["-m", "mvcom_tf.train", *data_flags(tiny_data), *TINY, "--eval_data=", "--max_steps=1",
+    args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=1",
             "--stage=pretrain,meta", "--variation_warmup_steps=0", "--weight_decay=0"]
     runs = {"initial": ["--lr=0", "--meta_lr=0"], "plain": [], "xla": ["--jit_compile"],
             "bf16": ["--mixed_precision=bfloat16"]}

@@ -8,11 +8,6 @@ of the sharper one. Prints the ranges and the thresholds for `alignment.BLUR_THR
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 from absl import app, flags
 

@@ -13,11 +13,6 @@ Images: JPEG, PNG, BMP, GIF, WebP, PGM/PPM/PBM, TIFF and what else Pillow opens.
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import app, flags
 
 from mvcom_tf.data import conversion, sources

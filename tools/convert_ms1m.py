@@ -9,11 +9,6 @@ in the .rec (before the remapping to 0..C-1; dataset.json's extras.identity_name
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import app, flags
 
 from mvcom_tf.data import conversion, sources

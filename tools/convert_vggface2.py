@@ -10,11 +10,6 @@ counted as `detected` in report.json) or skipped (--align=landmarks). `source` i
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import app, flags
 
 from mvcom_tf.data import conversion, sources

@@ -17,8 +17,6 @@ import os
 import posixpath
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import app, flags
 
 flags.DEFINE_string("checkpoint", None, "arcface_torch backbone state dict (backbone.pth, model.pt) or a "

@@ -6,11 +6,8 @@ pose, occlusion, blur and ethnicity, as one PNG (default `<data_dir>/distributio
 
 from __future__ import annotations
 
-import os
 import posixpath
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

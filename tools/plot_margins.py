@@ -10,11 +10,8 @@ stage learned for training samples of that class (metrics.json, stages.meta.trai
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

@@ -77,11 +77,6 @@ def align_face(image: np.ndarray | tf.Tensor, landmarks: np.ndarray, size: int =
                        tf.constant(size, tf.int32))
 
 
-def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Applies a 2x3 affine matrix to [N, 2] points."""
-    return np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]
-
-
 def estimate_yaw(landmarks: np.ndarray) -> float:
     """Yaw in degrees from 5 landmarks; positive when the face turns to its left (nose towards image right).
 

@@ -1,0 +1,132 @@
+"""The absl flags of `mvcom_tf.train`, defined and validated from TrainConfig's fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+
+from absl import flags
+
+from mvcom_tf.config import FACTOR_LIST, STAGE_NAMES, TrainConfig
+from mvcom_tf.evaluation.benchmark_spec import KINDS, parse_benchmark
+
+# The CPU demo's recipe: applied when the command has no flags at all.
+DEMO_FLAGFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flags", "demo.cfg")
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines one flag per TrainConfig field, with its default, help text, bounds and validators."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        _define(field, hints[field.name], flag_values)
+    _register_validators(flag_values)
+
+
+def _define(field: dataclasses.Field, kind: type, flag_values: flags.FlagValues) -> None:
+    meta, name, default = field.metadata, field.name, field.default
+    common = {"name": name, "help": meta["help"], "flag_values": flag_values}
+    if meta["choices"] and kind is str:
+        flags.DEFINE_enum(default=default, enum_values=list(meta["choices"]), **common)
+    elif kind is bool:
+        flags.DEFINE_bool(default=default, **common)
+    elif kind is int:
+        flags.DEFINE_integer(default=default, lower_bound=meta["lower"], upper_bound=meta["upper"], **common)
+    elif kind is float:
+        flags.DEFINE_float(default=default, lower_bound=meta["lower"], upper_bound=meta["upper"], **common)
+    elif kind is str:
+        flags.DEFINE_string(default=default, **common)
+    elif typing.get_origin(kind) is tuple:
+        flags.DEFINE_list(default=[_format(value) for value in default], **common)
+        if typing.get_args(kind)[0] is float:
+            length = meta["length"]
+            message = (f"--{name} must be {length} numbers {FACTOR_LIST}" if length
+                       else f"--{name} must be a comma-separated list of numbers")
+            flags.register_validator(name, lambda values, n=length: _numbers(values) and (not n or len(values) == n),
+                                     message, flag_values=flag_values)
+    else:
+        raise TypeError(f"TrainConfig.{name}: no flag type for {kind}")
+
+
+def _format(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _numbers(values: list[str]) -> bool:
+    try:
+        [float(value) for value in values]
+    except ValueError:
+        return False
+    return True
+
+
+def _is_benchmark(spec: str) -> bool:
+    try:
+        parse_benchmark(spec)
+    except ValueError:
+        return False
+    return True
+
+
+def _register_validators(flag_values: flags.FlagValues) -> None:
+    register, register_multi = flags.register_validator, flags.register_multi_flags_validator
+    register("stage", lambda v: bool(v) and all(s in STAGE_NAMES for s in v) and len(set(v)) == len(v),
+             f"--stage must list some of {', '.join(STAGE_NAMES)}, each once", flag_values=flag_values)
+    register("eval_data", lambda v: all(_is_benchmark(spec) for spec in v),
+             f"--eval_data entries must be <kind>:<path> with a kind among {', '.join(KINDS)}, or a synthetic test "
+             "split's folder", flag_values=flag_values)
+    register("image_size", lambda v: v % 16 == 0, "--image_size must be divisible by 16", flag_values=flag_values)
+    register_multi(["mixed_precision", "stage"],
+                   lambda f: not (f["mixed_precision"] == "float16" and "meta" in f["stage"]),
+                   "--mixed_precision=float16 trains the pretrain stage only (the meta step's second-order "
+                   "gradients are not loss-scaled): use --mixed_precision=bfloat16 with --stage=meta",
+                   flag_values=flag_values)
+    register_multi(["jit_compile", "strategy"], lambda f: not (f["jit_compile"] and f["strategy"] != "default"),
+                   "--jit_compile needs --strategy=default (one device per process)", flag_values=flag_values)
+    register_multi(["margin_min", "margin_max"], lambda f: f["margin_min"] <= f["margin_max"],
+                   "--margin_min must not exceed --margin_max", flag_values=flag_values)
+    register_multi(["meta_data", "stage"], lambda f: bool(f["meta_data"]) or "meta" not in f["stage"],
+                   "--stage=meta needs --meta_data (a dataset folder with variation labels)", flag_values=flag_values)
+
+
+def config_from_flags(flag_values: flags.FlagValues) -> TrainConfig:
+    """The parsed flags as a TrainConfig."""
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = flag_values[field.name].value
+        if typing.get_origin(hints[field.name]) is tuple:
+            item = typing.get_args(hints[field.name])[0]
+            value = tuple(item(v) for v in value)
+        values[field.name] = value
+    return TrainConfig(**values)
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    """Flag strings (e.g. ["--flagfile=flags/demo.cfg", "--seed=1"]) as a TrainConfig: for tests and notebooks.
+
+    Parsed into their own FlagValues, so the process's absl FLAGS are left alone.
+    """
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    flag_values(["mvcom_tf.train", *argv])
+    return config_from_flags(flag_values)
+
+
+def flag_sources(argv: list[str]) -> dict[str, list[str]]:
+    """Which flags the command set, keyed by where they came from: each --flagfile, then the command line."""
+    sources: dict[str, list[str]] = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0]
+        if name == "flagfile":
+            path = arg.split("=", 1)[1]
+            if not os.path.exists(path):
+                continue  # absl's parser names it
+            with open(path) as f:
+                names = [line.strip()[2:].split("=", 1)[0] for line in f if line.strip().startswith("--")]
+            sources[path] = names
+        else:
+            sources.setdefault("the command line", []).append(name)
+    return sources

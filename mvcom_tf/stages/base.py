@@ -1,0 +1,82 @@
+"""The Stage interface: what the training loop needs of a stage, and nothing of what the stage does."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mvcom_tf.config import Schedule
+from mvcom_tf.models.heads import MarginHead
+from mvcom_tf.training.compiled import ReplicaStep
+from mvcom_tf.training.distribute import InputSpec
+
+
+class Stage(abc.ABC):
+    """A stage of training: its model and optimizer, its inputs, its replica steps and its reports.
+
+    Built in the strategy's scope (`mvcom_tf.stages.build`). The loop reads `inputs()` into one
+    distributed iterator each, and calls `replica_step(step)` per replica with one batch of each;
+    the step returns a `StepOutput`, whose `sums.stage` and `samples` only the stage interprets.
+    """
+
+    def __init__(self, name: str, schedule: Schedule, backbone: keras.Model, head: MarginHead,
+                 optimizer: keras.optimizers.Optimizer, train: InputSpec) -> None:
+        self.name, self.schedule = name, schedule
+        self.backbone, self.head, self.optimizer, self.train = backbone, head, optimizer, train
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train.info.num_images // self.train.global_batch
+
+    def inputs(self) -> list[InputSpec]:
+        """The datasets each replica step reads, in argument order (the training batches first)."""
+        return [self.train]
+
+    def trackables(self) -> dict[str, Any]:
+        """The stage's checkpoint entries (`backbone` and `head` are what --init_checkpoint carries over)."""
+        return {"backbone": self.backbone, "head": self.head, "optimizer": self.optimizer}
+
+    @abc.abstractmethod
+    def replica_step(self, step: int) -> ReplicaStep:
+        """The per-replica callable to run at global step `step` (the same object while it does not change)."""
+
+    def load_head(self, kernel: np.ndarray) -> None:
+        """Sets the identity centres W [E, C] (from --init_checkpoint)."""
+        self.head.kernel.assign(kernel)
+
+    def describe(self, step: int) -> str:
+        """What a step that reports no identity loss does, for the progress line."""
+        return "warm-up"
+
+    def scalars(self, sums: Any) -> dict[str, float]:
+        """TensorBoard scalars from the stage's own summed figures (StepSums.stage)."""
+        return {}
+
+    def figures(self, samples: Any) -> dict[str, np.ndarray]:
+        """Pictures for TensorBoard from the latest step's samples."""
+        return {}
+
+    def histograms(self, samples: Any) -> dict[str, np.ndarray]:
+        """Per-sample values for TensorBoard histograms."""
+        return {}
+
+    def learning_rate(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+
+def learning_rate_schedule(schedule: Schedule, steps_per_epoch: int):
+    """lr, multiplied by 0.1 at each epoch of lr_steps (counted in optimizer steps)."""
+    if not schedule.lr_steps:
+        return schedule.lr
+    boundaries = [int(round(epoch * steps_per_epoch)) for epoch in schedule.lr_steps]
+    values = [schedule.lr * 0.1 ** i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def constant_margins(margin: float, num_identities: int) -> tf.Tensor:
+    """Every identity's margin m (CosFace pre-training, seed Sec. C)."""
+    return tf.constant(np.full(num_identities, margin, np.float32), keras.config.floatx())

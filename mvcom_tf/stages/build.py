@@ -1,0 +1,116 @@
+"""From a TrainConfig to a ready Stage: datasets checked, model, head and optimizers built in the strategy scope.
+
+The one place where the pieces are wired together: the training command, the tests and the
+benchmarks all build their stages here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from mvcom_tf.config import Schedule, TrainConfig
+from mvcom_tf.data import schema
+from mvcom_tf.data.tfrecord import DatasetInfo
+from mvcom_tf.losses.margins import class_aware_margins, head_classes, tail_class_offsets
+from mvcom_tf.meta.step import MetaStep
+from mvcom_tf.models.heads import MarginHead, VariationHeads
+from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
+from mvcom_tf.stages.base import Stage, constant_margins, learning_rate_schedule
+from mvcom_tf.stages.meta import MetaStage
+from mvcom_tf.stages.pretrain import PretrainStage
+from mvcom_tf.steps import MarginStep
+from mvcom_tf.training.distribute import InputSpec, read_input
+
+
+def schedule(config: TrainConfig, name: str) -> Schedule:
+    """The pretrain stage follows --epochs/--lr/--lr_steps, the meta stage --meta_epochs/--meta_lr/..."""
+    if name == "meta":
+        return Schedule(config.meta_epochs, config.meta_lr, config.meta_lr_steps)
+    return Schedule(config.epochs, config.lr, config.lr_steps)
+
+
+def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy) -> Stage:
+    """The stage `name` of --stage, its variables created in the strategy's scope."""
+    train = read_input("train_data", config.train_data, config.batch_size, config.seed)
+    stage_schedule = schedule(config, name)
+    info = train.info
+    with strategy.scope():
+        backbone, head, optimizer = build_model(config, info.num_identities, train_steps_per_epoch(train),
+                                                stage_schedule)
+        common = dict(name=name, schedule=stage_schedule, backbone=backbone, head=head, optimizer=optimizer,
+                      train=train)
+        if name == "pretrain":
+            margins = constant_margins(config.margin, info.num_identities)
+            margin_step = MarginStep(backbone, head, optimizer, margins, config.batch_size,
+                                     skip_nonfinite=config.nan_policy == "skip")
+            return PretrainStage(**common, margin_step=margin_step)
+        meta_step, trackables = build_meta_step(config, backbone, head, optimizer, prior_margins(config, info),
+                                                info.histograms, strategy.num_replicas_in_sync)
+        pool = config.global_meta_batch * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
+        meta = read_input("meta_data", config.meta_data, config.global_meta_batch, config.seed + 1)
+        return MetaStage(**common, meta_step=meta_step, meta_pool=dataclasses.replace(meta, global_batch=pool),
+                         trackables=trackables, head_warmup_steps=config.head_warmup_steps,
+                         variation_warmup_steps=config.variation_warmup_steps)
+
+
+def train_steps_per_epoch(train: InputSpec) -> int:
+    return train.info.num_images // train.global_batch
+
+
+def build_model(config: TrainConfig, num_identities: int, steps_per_epoch: int, stage_schedule: Schedule):
+    """Backbone, identity head and SGD (momentum, decoupled weight decay, the stage's lr steps), built."""
+    backbone = build_iresnet(config.backbone, config.image_size, config.embedding_size,
+                             config.width_multiplier, config.dropout, config.sync_bn)
+    head = MarginHead(num_identities, config.loss, config.scale, name="identity_head", dtype=float32_if_mixed())
+    head.build((None, config.embedding_size))
+    optimizer = keras.optimizers.SGD(learning_rate_schedule(stage_schedule, steps_per_epoch),
+                                     momentum=config.momentum, weight_decay=config.weight_decay or None)
+    if config.mixed_precision == "float16":  # pretrain stage only (a flag validator says so)
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients underflow unscaled
+    optimizer.build(backbone.trainable_variables + head.trainable_variables)
+    return backbone, head, optimizer
+
+
+def prior_margins(config: TrainConfig, info: DatasetInfo) -> tf.Tensor:
+    """The meta stage's per-identity margins: --margin, or the class-aware volume prior (METHOD.md)."""
+    if config.margin_prior != "volume":
+        return constant_margins(config.margin, info.num_identities)
+    margins = class_aware_margins(info.images_per_identity, config.margin, config.margin_prior_power,
+                                  config.margin_min, config.margin_max)
+    return tf.constant(margins, keras.config.floatx())
+
+
+def build_meta_step(config: TrainConfig, backbone: keras.Model, head: MarginHead,
+                    optimizer: keras.optimizers.Optimizer, margins: tf.Tensor, histograms: dict[str, list[int]],
+                    replicas: int) -> tuple[MetaStep, dict]:
+    """The MvCoM step around a backbone, head and optimizer: variation heads and their optimizer (and the
+    identity head's warm-up optimizer), built; returns it with those new checkpoint entries (call in scope).
+
+    `histograms` are the training split's variation label counts (dataset.json): the oracle's offsets
+    and the head classes of the tail statistics come from them ({}: neither).
+    """
+    heads = VariationHeads(name="variation_heads", dtype=float32_if_mixed())
+    heads.build((None, config.embedding_size))
+    heads_optimizer = keras.optimizers.SGD(config.variation_lr, momentum=config.momentum)
+    heads_optimizer.build(heads.trainable_variables)
+    trackables = {"variation_heads": heads, "variation_optimizer": heads_optimizer}
+    head_optimizer = None
+    if config.head_warmup_steps:
+        head_optimizer = keras.optimizers.SGD(config.head_warmup_lr, momentum=config.momentum)
+        head_optimizer.build(head.trainable_variables)
+        trackables["identity_head_warmup_optimizer"] = head_optimizer
+    deltas = dict(zip(schema.FACTORS, config.oracle_margin_deltas))
+    offsets = {factor: tf.constant(values, keras.config.floatx())
+               for factor, values in tail_class_offsets(histograms, deltas).items()}
+    margin_step = MarginStep(backbone, head, optimizer, margins, config.batch_size,
+                             skip_nonfinite=config.nan_policy == "skip", factor_offsets=offsets)
+    meta_step = MetaStep(
+        margin_step, heads, heads_optimizer, tau=config.meta_lr_tau, inner_lr=config.meta_inner_lr,
+        residual_max=config.residual_max, scope=config.meta_scope, factor_weights=config.factor_weights,
+        sampling=config.meta_sampling, meta_batch_size=config.global_meta_batch // replicas,
+        global_meta_batch_size=config.global_meta_batch, head_classes=head_classes(histograms),
+        head_optimizer=head_optimizer)
+    return meta_step, trackables

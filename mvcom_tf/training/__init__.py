@@ -1,0 +1,1 @@
+"""The training loop any Stage runs in: distribution, compiled steps, progress, checkpoints, faults."""

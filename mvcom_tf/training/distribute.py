@@ -1,0 +1,99 @@
+"""tf.distribute: the strategy named by --strategy, the chief, and a stage's inputs split over replicas."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from mvcom_tf.data.pipeline import DecodeFailures, train_dataset
+from mvcom_tf.data.synthesis import VariationSynthesis
+from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, read_info
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy named by --strategy."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return tf.distribute.MirroredStrategy([device.name for device in gpus])
+        # CPU replicas (--cpu_replicas): reduce through one device. Collective all-reduces between
+        # logical CPUs can be launched in different orders by different replicas once synchronized
+        # BatchNorm adds its own all-reduces, and then fail with a shape mismatch.
+        cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster and this task from TF_CONFIG
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run folder: no TF_CONFIG, the chief, or worker 0 of a cluster without one."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = tf_config.get("task", {})
+    kind, index = task.get("type"), int(task.get("index", 0))
+    if kind in (None, "chief"):
+        return True
+    return kind == "worker" and index == 0 and "chief" not in tf_config.get("cluster", {})
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One input of a stage's replica step: a dataset folder read in shuffled global batches."""
+
+    flag: str  # the flag that named the folder, for messages and TensorBoard
+    data_dir: str
+    info: DatasetInfo
+    global_batch: int
+    seed: int
+
+
+def read_input(flag: str, data_dir: str, global_batch: int, seed: int) -> InputSpec:
+    """Reads dataset.json, naming the flag in the error, and checks that it holds one global batch."""
+    try:
+        info = read_info(data_dir)
+    except DatasetError as error:
+        raise DatasetError(f"--{flag}: {error}") from None
+    if info.num_images < global_batch:
+        raise DatasetError(f"--{flag}: {data_dir} has {info.num_images} images, fewer than one batch "
+                           f"({global_batch})")
+    return InputSpec(flag, data_dir, info, global_batch, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+    """How every input is read: image size, shuffling, synthesised variations, the NaN drill."""
+
+    image_size: int
+    shuffle_buffer: int
+    synth_blur_prob: float = 0.0
+    synth_occlusion_prob: float = 0.0
+    nan_step: int = -1  # --debug_nan_step: that global step's images become NaN
+
+
+def distributed_batches(strategy: tf.distribute.Strategy, spec: InputSpec, options: InputOptions, epoch: int,
+                        skip_steps: int, failures: DecodeFailures, first_step: int = -1):
+    """An iterator over one epoch of `spec`'s global batches, split over the replicas, after skip_steps.
+
+    `first_step` is the global step of the first batch, for --debug_nan_step (-1: not the drill's input).
+    """
+    synthesis = VariationSynthesis(options.synth_blur_prob, options.synth_occlusion_prob)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        dataset = train_dataset(
+            spec.data_dir, spec.info, batch_size=context.get_per_replica_batch_size(spec.global_batch),
+            image_size=options.image_size, seed=spec.seed, epoch=epoch,
+            skip_records=skip_steps * spec.global_batch // context.num_input_pipelines,
+            input_context=context, failures=failures, shuffle_buffer=options.shuffle_buffer,
+            augment=synthesis if synthesis.active else None)
+        if first_step >= 0 and options.nan_step >= first_step:
+            dataset = dataset.enumerate().map(lambda index, batch: {
+                **batch, "image": tf.where(index + first_step == options.nan_step, np.nan, batch["image"])})
+        return dataset
+
+    return iter(strategy.distribute_datasets_from_function(dataset_fn))

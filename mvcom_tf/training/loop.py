@@ -1,0 +1,165 @@
+"""The training loop: any Stage, step by step, with its checkpoints, progress, faults and evaluations."""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import tempfile
+import threading
+
+import tensorflow as tf
+from absl import logging
+
+from mvcom_tf.config import TrainConfig
+from mvcom_tf.data.pipeline import DecodeFailures
+from mvcom_tf.stages.base import Stage
+from mvcom_tf.stages.build import build_stage
+from mvcom_tf.training import benchmarks, faults, outputs
+from mvcom_tf.training.checkpoints import StageCheckpoints, stage_folder
+from mvcom_tf.training.compiled import CompiledSteps, execution_length
+from mvcom_tf.training.distribute import InputOptions, distributed_batches, is_chief, make_strategy
+from mvcom_tf.training.progress import Progress, log_distributions, skipped_steps
+
+
+@dataclasses.dataclass
+class StageRun:
+    """One stage's run in this process: where it is and what watches it."""
+
+    config: TrainConfig
+    stage: Stage
+    strategy: tf.distribute.Strategy
+    checkpoints: StageCheckpoints
+    progress: Progress
+    writer: tf.summary.SummaryWriter
+    total_steps: int
+    failures: DecodeFailures = dataclasses.field(default_factory=DecodeFailures)
+    skipped: int = 0
+
+
+def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strategy, init_checkpoint: str,
+              preempted: threading.Event, resume_dir: str) -> dict[str, float]:
+    """Trains a stage to its last step, resuming from resume_dir (the chief's checkpoints); returns the stage's
+    own scalars over the stage. Raises Preempted once `preempted` is set (after saving), NonFiniteLoss on a
+    non-finite loss (--nan_policy=stop)."""
+    run = _start(config, stage, strategy, init_checkpoint, resume_dir)
+    step, per_epoch, options = int(run.checkpoints.step.numpy()), stage.steps_per_epoch, _input_options(config)
+    compiled = CompiledSteps(strategy, config.jit_compile, config.steps_per_execution)
+    every = [config.log_every, config.checkpoint_every, config.eval_every if config.eval_data else 0]
+    while step < run.total_steps:
+        epoch, offset = divmod(step, per_epoch)
+        iterators = tuple(distributed_batches(strategy, spec, options, epoch, offset, run.failures,
+                                              first_step=step if index == 0 else -1)
+                          for index, spec in enumerate(stage.inputs()))
+        last = min(step - offset + per_epoch, run.total_steps)
+        while step < last:
+            count = execution_length(stage, step, last, config.steps_per_execution, every)
+            output = compiled(stage.replica_step(step), iterators, count)
+            faults.check_finite(output.sums, stage.name, step, count, run.checkpoints.latest)
+            run.skipped += skipped_steps(output.sums, strategy.num_replicas_in_sync)
+            run.progress.add(output)
+            step += count
+            _after_steps(run, step, epoch, preempted)
+    run.checkpoints.save(step)
+    run.writer.flush()
+    return run.progress.stage_summary()
+
+
+def _start(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strategy, init_checkpoint: str,
+           resume_dir: str) -> StageRun:
+    """Restores the stage, opens its TensorBoard folder and says what it will train."""
+    total_steps = stage_length(config, stage)
+    checkpoints = StageCheckpoints(stage, stage_folder(config.model_dir, stage.name), config.keep_checkpoints)
+    step = checkpoints.restore(resume_dir, init_checkpoint)
+    writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage.name))
+    if step == 0:
+        log_distributions(writer, {spec.flag: spec.info for spec in stage.inputs()})
+    info = stage.train.info
+    logging.info("[%s] %d images, %d identities, %d steps/epoch, training steps %d to %d, %d replica(s)",
+                 stage.name, info.num_images, info.num_identities, stage.steps_per_epoch, step, total_steps,
+                 strategy.num_replicas_in_sync)
+    return StageRun(config, stage, strategy, checkpoints, Progress(stage, total_steps, step, writer), writer,
+                    total_steps)
+
+
+def stage_length(config: TrainConfig, stage: Stage) -> int:
+    """The stage's last step: its epochs, or --max_steps if fewer."""
+    total_steps = stage.schedule.epochs * stage.steps_per_epoch
+    return min(total_steps, config.max_steps) if config.max_steps else total_steps
+
+
+def _input_options(config: TrainConfig) -> InputOptions:
+    return InputOptions(config.image_size, config.shuffle_buffer, config.synth_blur_prob,
+                        config.synth_occlusion_prob, config.debug_nan_step)
+
+
+def _after_steps(run: StageRun, step: int, epoch: int, preempted: threading.Event) -> None:
+    """What falls due at `step`: the progress line, a checkpoint, stopping on SIGTERM, an evaluation."""
+    config, stage, name = run.config, run.stage, run.stage.name
+    final = step == run.total_steps
+    if step % config.log_every == 0 or final:
+        if int(run.failures.count.numpy()):
+            logging.warning("[%s] %d undecodable images dropped so far", name, int(run.failures.count.numpy()))
+        if run.skipped:
+            logging.warning("[%s] %d steps with a non-finite loss or gradient skipped so far", name, run.skipped)
+        run.progress.report(step, epoch, stage.learning_rate())
+    if step % config.checkpoint_every == 0 or final:
+        run.checkpoints.save(step)
+    if preempted.is_set():
+        run.checkpoints.save(step)
+        run.writer.flush()
+        raise faults.Preempted(f"[{name}] SIGTERM: saved {run.checkpoints.latest} at step {step}; run the same "
+                               "command again to resume from it")
+    if config.eval_data and config.eval_every and step % config.eval_every == 0 and not final and is_chief():
+        results = benchmarks.evaluate(config.eval_data, stage.backbone, config.image_size, config.eval_batch_size)
+        logging.info("[%s] step %d: %s", name, step,
+                     "; ".join(f"{key} {benchmarks.headline(result)}" for key, result in results.items()))
+        benchmarks.log_evaluation(run.writer, step, results)
+
+
+def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Runs every stage of --stage in order, then evaluates and exports; returns metrics.json's content.
+
+    Under MultiWorkerMirroredStrategy every worker trains and saves checkpoints (saving takes
+    part in collectives), but only the chief writes the run folder: the others write to a
+    temporary folder, removed at the end, and resume from the chief's checkpoints.
+    """
+    strategy = strategy or make_strategy(config.strategy)
+    chief = is_chief()
+    scratch = "" if chief else tempfile.mkdtemp(prefix="mvcom_tf_worker_")
+    local = config if chief else dataclasses.replace(config, model_dir=scratch)
+    try:
+        return _run_stages(config, local, strategy, chief)
+    finally:
+        if scratch:
+            tf.io.gfile.rmtree(scratch)
+
+
+def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute.Strategy, chief: bool) -> dict:
+    tf.io.gfile.makedirs(local.model_dir)
+    metrics: dict = {"stages": {}}
+    init_checkpoint, stage = config.init_checkpoint, None
+    for name in config.stage:
+        stage = build_stage(config, name, strategy)
+        resume_dir = stage_folder(config.model_dir, name)
+        with faults.preemption_signal() as preempted:
+            summary = run_stage(local, stage, strategy, init_checkpoint, preempted, resume_dir)
+        init_checkpoint = resume_dir
+        metrics["stages"][name] = {"training": summary}
+        if config.eval_data and chief:
+            metrics["stages"][name].update(_evaluate_stage(config, stage))
+    final = metrics["stages"].get(config.stage[-1], {})
+    metrics.update({key: final[key] for key in ("accuracy", "accuracy_std", "groups", "benchmarks") if key in final})
+    metrics["export_dir"] = config.export_dir or posixpath.join(config.model_dir, "export")
+    if chief:
+        outputs.write_outputs(config, stage.backbone, metrics)
+    return metrics
+
+
+def _evaluate_stage(config: TrainConfig, stage: Stage) -> dict:
+    """--eval_data after a stage, logged at its last step; the first benchmark's figures at the top level."""
+    results = benchmarks.evaluate(config.eval_data, stage.backbone, config.image_size, config.eval_batch_size)
+    for key, result in results.items():
+        logging.info("[%s] %s: %s", stage.name, key, benchmarks.headline(result))
+    writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage.name))
+    benchmarks.log_evaluation(writer, stage_length(config, stage), results)
+    return {**next(iter(results.values())), "benchmarks": results}

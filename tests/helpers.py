@@ -1,0 +1,98 @@
+"""Helpers the tests share: the repository, fresh-process runs, tiny recipes, and the meta step on random batches."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mvcom_tf.config import TrainConfig
+from mvcom_tf.data import schema
+from mvcom_tf.models.heads import MarginHead
+from mvcom_tf.models.iresnet import build_iresnet
+from mvcom_tf.stages.build import build_meta_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = f"--flagfile={REPO}/flags/demo.cfg"
+# The demo's recipe, shrunk: a tiny network that takes a step in a fraction of a second. It starts with
+# the demo's flagfile, whose data folders the flags after it (data_flags) replace: put those after TINY.
+TINY = [DEMO, "--backbone=iresnet18", "--width_multiplier=0.125", "--embedding_size=16", "--batch_size=16",
+        "--stage=pretrain", "--log_every=2"]
+NUM_IDS, BATCH, META, SIZE, ETA = 6, 8, 8, 16, 0.5
+
+
+def run_module(args, cwd=REPO, timeout=600, env=None):
+    """Runs `python <args>` in a fresh process; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def data_flags(root):
+    """--train_data, --meta_data and --eval_data of a folder holding train/, meta/ and test/."""
+    return [f"--train_data={root}/train", f"--meta_data={root}/meta", f"--eval_data={root}/test"]
+
+
+def final_weights(run_dir, step):
+    reader = tf.train.load_checkpoint(f"{run_dir}/checkpoints/pretrain/ckpt-{step}")
+    # save_counter counts the saves, which depends on when the kill came: bookkeeping, not state.
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH" and not name.startswith("save_counter")}
+
+
+def make_batches(seed=0):
+    rng = np.random.default_rng(seed)
+    batch = {"image": rng.normal(size=(BATCH, SIZE, SIZE, 3)), "identity": rng.integers(0, NUM_IDS, BATCH)}
+    meta = {"image": rng.normal(size=(META, SIZE, SIZE, 3))}
+    for factor in schema.FACTORS:
+        batch[factor] = rng.integers(0, schema.NUM_CLASSES[factor], BATCH)
+        labels = rng.integers(0, schema.NUM_CLASSES[factor], META)
+        labels[rng.random(META) < 0.3] = -1  # unknown labels mixed in
+        meta[factor] = labels
+    def cast(data):
+        return {k: tf.constant(v, keras.config.floatx() if k == "image" else tf.int32) for k, v in data.items()}
+
+    return cast(batch), cast(meta)
+
+
+def small_backbone(sync_bn):
+    """conv-BN-PReLU twice, then the IResNet output block: the meta step only needs the `output_` names.
+
+    Under MirroredStrategy every synchronised BatchNorm adds all-reduces whose custom gradients
+    TensorFlow traces slowly at second order; this keeps the distributed check quick."""
+    if not sync_bn:
+        return build_iresnet("iresnet18", SIZE, 8, width_multiplier=0.0625)
+    from mvcom_tf.models.iresnet import SyncBatchNormalization
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = inputs
+    for index in range(2):
+        x = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False, name=f"conv{index}")(x)
+        x = SyncBatchNormalization(name=f"bn{index}")(x)
+        x = keras.layers.PReLU(shared_axes=[1, 2], name=f"prelu{index}")(x)
+    x = SyncBatchNormalization(name="output_bn")(x)
+    x = keras.layers.Flatten(name="output_flatten")(x)
+    x = keras.layers.Dense(8, name="output_fc")(x)
+    outputs = SyncBatchNormalization(name="output_features", scale=False)(x)
+    return keras.Model(inputs, outputs)
+
+
+def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False):
+    """The meta step (mvcom_tf.stages.build's wiring) around a small backbone, in float64 under the float64 fixture."""
+    config = TrainConfig(batch_size=BATCH, meta_batch_size=META, embedding_size=8, meta_lr_tau=tau, meta_inner_lr=ETA,
+                         residual_max=1e9, meta_scope=scope, factor_weights=weights, meta_sampling="random",
+                         variation_lr=0.1)
+    keras.utils.set_random_seed(1)
+    with strategy.scope():
+        backbone = small_backbone(sync_bn)
+        head = MarginHead(NUM_IDS, scale=8.0)
+        head.build((None, 8))
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+        optimizer.build(backbone.trainable_variables + head.trainable_variables)
+        prior = tf.constant(np.linspace(0.25, 0.45, NUM_IDS), keras.config.floatx())
+        meta_step, _ = build_meta_step(config, backbone, head, optimizer, prior, {}, strategy.num_replicas_in_sync)
+        for layer in meta_step.heads.classifiers.values():  # non-trivial heads: every factor's loss has a gradient
+            layer.kernel.assign(np.random.default_rng(2).normal(0, 1, layer.kernel.shape))
+    return meta_step
