@@ -57,6 +57,13 @@ class TrainConfig:
     embedding_size: int = option(512, "Embedding dimension.", lower=2)
     dropout: float = option(0.0, "Dropout before the embedding layer.", lower=0.0, upper=0.99)
     sync_bn: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
+    head_sharding: str = option("replicated", "Identity head centres: replicated on every replica, or sharded (each "
+                                              "replica holds its contiguous share of the classes, as insightface's "
+                                              "partial_fc_v2; README, \"Millions of identities\").",
+                                choices=("replicated", "sharded"))
+    partial_fc_rate: float = option(1.0, "Partial FC: the share of its classes each replica scores per step, its "
+                                         "positives always among them (1.0: every class); needs "
+                                         "--head_sharding=sharded.", lower=0.001, upper=1.0)
     # Identity loss and margins.
     loss: str = option("cosface", "Margin loss of the identity head.", choices=("cosface", "arcface"))
     margin: float = option(0.35, "Margin m: the constant margin of pre-training and m_base of the meta prior.",

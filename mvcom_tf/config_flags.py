@@ -85,6 +85,20 @@ def _register_validators(flag_values: flags.FlagValues) -> None:
                    "--jit_compile needs --strategy=default (one device per process)", flag_values=flag_values)
     register_multi(["margin_min", "margin_max"], lambda f: f["margin_min"] <= f["margin_max"],
                    "--margin_min must not exceed --margin_max", flag_values=flag_values)
+    register_multi(["head_sharding", "stage"], lambda f: f["head_sharding"] != "sharded" or "meta" not in f["stage"],
+                   "--head_sharding=sharded trains the pretrain stage only: the MvCoM meta step's second-order pass "
+                   "through a sharded head is not built yet", flag_values=flag_values)
+    register_multi(["head_sharding", "strategy"],
+                   lambda f: f["head_sharding"] != "sharded" or f["strategy"] != "multi_worker",
+                   "--head_sharding=sharded runs on one host (--strategy=mirrored or default): its checkpoints "
+                   "gather the shards in one process", flag_values=flag_values)
+    register_multi(["head_sharding", "mixed_precision"],
+                   lambda f: f["head_sharding"] != "sharded" or f["mixed_precision"] != "float16",
+                   "--head_sharding=sharded does not take float16's loss scaling: use --mixed_precision=bfloat16",
+                   flag_values=flag_values)
+    register_multi(["head_sharding", "partial_fc_rate"],
+                   lambda f: f["head_sharding"] == "sharded" or f["partial_fc_rate"] == 1.0,
+                   "--partial_fc_rate below 1 needs --head_sharding=sharded", flag_values=flag_values)
     register_multi(["meta_data", "stage"], lambda f: bool(f["meta_data"]) or "meta" not in f["stage"],
                    "--stage=meta needs --meta_data (a dataset folder with variation labels)", flag_values=flag_values)
 

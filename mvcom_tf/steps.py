@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from mvcom_tf.losses.margins import identity_loss
 from mvcom_tf.models.heads import MarginHead
-from mvcom_tf.training.metrics import StepOutput, StepSums, identity_sums
+from mvcom_tf.models.sharded_head import ShardedMarginHead, sgd_update
+from mvcom_tf.training.metrics import IdentitySums, StepOutput, StepSums, identity_sums
 
 
 class MarginStep:
@@ -132,3 +133,47 @@ def assign_statistics(model: keras.Model, statistics: list[tf.Tensor]) -> None:
     else:
         context.merge_call(merge, args=(statistics,))
 
+
+class ShardedMarginStep(MarginStep):
+    """The margin step with the identity head's centres sharded over the replicas (models/sharded_head.py).
+
+    The backbone's gradients go to the Keras optimizer (summed over replicas as usual); each
+    replica updates its own shard of centres with the same SGD (learning rate, momentum,
+    decoupled weight decay), with no cross-replica reduction: the shard's gradient already
+    covers the whole global batch.
+    """
+
+    def __init__(self, backbone: keras.Model, head: ShardedMarginHead, optimizer: keras.optimizers.Optimizer,
+                 class_margins: tf.Tensor, global_batch: int, momentum: float, weight_decay: float) -> None:
+        super().__init__(backbone, head, optimizer, class_margins, global_batch)
+        self.momentum, self.weight_decay = momentum, weight_decay
+
+    @property
+    def variables(self) -> list:
+        return self.backbone.trainable_variables
+
+    def __call__(self, batch: dict[str, tf.Tensor]) -> StepOutput:
+        """One step on a training batch."""
+        labels, margins = batch["identity"], self.margins(batch)
+        shard = int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
+        centres = self.head.centres
+        kernel = centres.kernels[shard]
+        trainable_values = [v.value for v in self.backbone.trainable_variables]
+        with tf.GradientTape() as tape:
+            tape.watch(trainable_values)
+            tape.watch(kernel)  # not trainable to Keras: its SGD runs here, not in the optimizer
+            embeddings, statistics = self.forward(batch["image"], trainable_values)
+            per_sample, correct, _ = self.head.per_sample_loss(embeddings, labels, margins, self.optimizer.iterations)
+            loss = tf.reduce_sum(per_sample) / self.global_batch
+        *gradients, kernel_gradient = tape.gradient(loss, trainable_values + [kernel])
+        learning_rate = self.optimizer.learning_rate  # this step's, before the optimizer counts it
+        self.apply(gradients, statistics)
+        sgd_update(kernel, centres.momentums[shard], tf.convert_to_tensor(kernel_gradient), learning_rate,
+                   self.momentum, self.weight_decay)
+        count = tf.cast(tf.size(labels), tf.float32)
+        sums = IdentitySums(loss=tf.reduce_sum(tf.cast(per_sample, tf.float32)),
+                            correct=tf.reduce_sum(tf.cast(correct, tf.float32)),
+                            margin=tf.reduce_sum(tf.cast(margins, tf.float32)),
+                            margin_sq=tf.reduce_sum(tf.square(tf.cast(margins, tf.float32))), count=count,
+                            skipped=tf.constant(0.0))
+        return StepOutput(StepSums(images=count, identity=sums))

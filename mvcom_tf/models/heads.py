@@ -44,20 +44,24 @@ class MarginHead(keras.layers.Layer):
         margins = ops.broadcast_to(ops.cast(margins, cosine.dtype), ops.shape(labels))
         onehot = ops.one_hot(labels, self.num_classes, dtype=cosine.dtype)
         target_cos = ops.sum(cosine * onehot, axis=-1)
-        if self.loss == "cosface":
-            target_logit = target_cos - margins
-        else:
-            sine = ops.sqrt(ops.clip(1.0 - target_cos * target_cos, 1e-9, 1.0))
-            shifted = target_cos * ops.cos(margins) - sine * ops.sin(margins)
-            # Past theta + m = pi, cos(theta + m) stops decreasing: insightface falls back to
-            # the CosFace-like cos - m * sin(m) there, keeping the target logit monotonic.
-            threshold = ops.cos(math.pi - margins)
-            target_logit = ops.where(target_cos > threshold, shifted, target_cos - margins * ops.sin(margins))
+        target_logit = margin_target(target_cos, margins, self.loss)
         logits = cosine + onehot * ops.expand_dims(target_logit - target_cos, -1)
         return logits * self.scale
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "loss": self.loss, "scale": self.scale}
+
+
+def margin_target(target_cos, margins, loss: str):
+    """The target class's cosine after its margin: cos - m (CosFace) or cos(theta + m) (ArcFace)."""
+    if loss == "cosface":
+        return target_cos - margins
+    sine = ops.sqrt(ops.clip(1.0 - target_cos * target_cos, 1e-9, 1.0))
+    shifted = target_cos * ops.cos(margins) - sine * ops.sin(margins)
+    # Past theta + m = pi, cos(theta + m) stops decreasing: insightface falls back to the
+    # CosFace-like cos - m * sin(m) there, keeping the target logit monotonic.
+    threshold = ops.cos(math.pi - margins)
+    return ops.where(target_cos > threshold, shifted, target_cos - margins * ops.sin(margins))
 
 
 class VariationHeads(keras.layers.Layer):

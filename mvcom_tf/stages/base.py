@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from mvcom_tf.config import Schedule
 from mvcom_tf.models.heads import MarginHead
+from mvcom_tf.models.sharded_head import ShardedCentres
 from mvcom_tf.training.compiled import ReplicaStep
 from mvcom_tf.training.distribute import InputSpec
 
@@ -23,7 +24,7 @@ class Stage(abc.ABC):
     the step returns a `StepOutput`, whose `sums.stage` and `samples` only the stage interprets.
     """
 
-    def __init__(self, name: str, schedule: Schedule, backbone: keras.Model, head: MarginHead,
+    def __init__(self, name: str, schedule: Schedule, backbone: keras.Model, head: MarginHead | ShardedCentres,
                  optimizer: keras.optimizers.Optimizer, train: InputSpec) -> None:
         self.name, self.schedule = name, schedule
         self.backbone, self.head, self.optimizer, self.train = backbone, head, optimizer, train
@@ -45,8 +46,11 @@ class Stage(abc.ABC):
         """The per-replica callable to run at global step `step` (the same object while it does not change)."""
 
     def load_head(self, kernel: np.ndarray) -> None:
-        """Sets the identity centres W [E, C] (from --init_checkpoint)."""
-        self.head.kernel.assign(kernel)
+        """Sets the identity centres W [E, C] (from --init_checkpoint), split over the replicas if sharded."""
+        if isinstance(self.head, ShardedCentres):
+            self.head.assign_full(kernel)
+        else:
+            self.head.kernel.assign(kernel)
 
     def describe(self, step: int) -> str:
         """What a step that reports no identity loss does, for the progress line."""

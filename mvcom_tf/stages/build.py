@@ -10,6 +10,7 @@ import dataclasses
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from mvcom_tf.config import Schedule, TrainConfig
 from mvcom_tf.data import schema
@@ -18,10 +19,11 @@ from mvcom_tf.losses.margins import class_aware_margins, head_classes, tail_clas
 from mvcom_tf.meta.step import MetaStep
 from mvcom_tf.models.heads import MarginHead, VariationHeads
 from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
+from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, default_devices, head_footprint
 from mvcom_tf.stages.base import Stage, constant_margins, learning_rate_schedule
 from mvcom_tf.stages.meta import MetaStage
 from mvcom_tf.stages.pretrain import PretrainStage
-from mvcom_tf.steps import MarginStep
+from mvcom_tf.steps import MarginStep, ShardedMarginStep
 from mvcom_tf.training.distribute import InputSpec, read_input
 
 
@@ -37,6 +39,9 @@ def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy
     train = read_input("train_data", config.train_data, config.batch_size, config.seed)
     stage_schedule = schedule(config, name)
     info = train.info
+    log_head_footprint(config, info.num_identities, strategy.num_replicas_in_sync)
+    if config.head_sharding == "sharded":  # the pretrain stage only (a flag validator says so)
+        return build_sharded_pretrain(config, name, train, stage_schedule, strategy)
     with strategy.scope():
         backbone, head, optimizer = build_model(config, info.num_identities, train_steps_per_epoch(train),
                                                 stage_schedule)
@@ -54,6 +59,38 @@ def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy
         return MetaStage(**common, meta_step=meta_step, meta_pool=dataclasses.replace(meta, global_batch=pool),
                          trackables=trackables, head_warmup_steps=config.head_warmup_steps,
                          variation_warmup_steps=config.variation_warmup_steps)
+
+
+def build_sharded_pretrain(config: TrainConfig, name: str, train: InputSpec, stage_schedule: Schedule,
+                           strategy: tf.distribute.Strategy) -> Stage:
+    """Pre-training with the identity centres split over the replicas (and Partial FC sampling)."""
+    info = train.info
+    with strategy.scope():
+        backbone = build_iresnet(config.backbone, config.image_size, config.embedding_size,
+                                 config.width_multiplier, config.dropout, config.sync_bn)
+        optimizer = keras.optimizers.SGD(learning_rate_schedule(stage_schedule, train_steps_per_epoch(train)),
+                                         momentum=config.momentum, weight_decay=config.weight_decay or None)
+        optimizer.build(backbone.trainable_variables)
+    # Outside the scope: one plain variable per replica on its device, not a mirrored copy of all classes.
+    centres = ShardedCentres(info.num_identities, config.embedding_size, default_devices(strategy), config.seed)
+    head = ShardedMarginHead(centres, config.loss, config.scale, config.partial_fc_rate, config.batch_size,
+                             config.seed)
+    margins = constant_margins(config.margin, info.num_identities)
+    margin_step = ShardedMarginStep(backbone, head, optimizer, margins, config.batch_size, config.momentum,
+                                    config.weight_decay)
+    return PretrainStage(name=name, schedule=stage_schedule, backbone=backbone, head=centres, optimizer=optimizer,
+                         train=train, margin_step=margin_step)
+
+
+def log_head_footprint(config: TrainConfig, num_classes: int, replicas: int) -> None:
+    """The identity head's memory and communication per replica, from the formulas of head_footprint."""
+    sharded = config.head_sharding == "sharded"
+    figures = head_footprint(num_classes, config.embedding_size, replicas, config.batch_size, sharded,
+                             config.partial_fc_rate)
+    logging.info("identity head, %s over %d replica(s): %d centres per replica, %.3g GB of centres, momentum and "
+                 "gradient, %.3g MB of logits, %.3g MB sent per step", config.head_sharding, replicas,
+                 figures["centres"], figures["state_bytes"] / 1e9, figures["logits_bytes"] / 1e6,
+                 figures["sent_bytes"] / 1e6)
 
 
 def train_steps_per_epoch(train: InputSpec) -> int:

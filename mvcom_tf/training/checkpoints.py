@@ -9,8 +9,8 @@ from absl import logging
 
 from mvcom_tf.data.tfrecord import DatasetError
 
-# The identity centres W [E, C] in a checkpoint.
-HEAD_KERNELS = ("head/kernel/.ATTRIBUTES/VARIABLE_VALUE",)
+# The identity centres W [E, C] in a checkpoint: a replicated head's kernel, or a sharded head's gathered one.
+HEAD_KERNELS = ("head/kernel/.ATTRIBUTES/VARIABLE_VALUE", "head/.ATTRIBUTES/kernel")
 
 
 def stage_folder(model_dir: str, stage_name: str) -> str:
