@@ -8,7 +8,7 @@ import tensorflow as tf
 from mvcom_tf.losses.margins import identity_loss
 from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.sharded_head import ShardedMarginHead, sgd_update
-from mvcom_tf.training.metrics import IdentitySums, StepOutput, StepSums, identity_sums
+from mvcom_tf.training.metrics import StepOutput, StepSums, identity_sums, sums_of_samples
 
 
 class MarginStep:
@@ -170,10 +170,5 @@ class ShardedMarginStep(MarginStep):
         self.apply(gradients, statistics)
         sgd_update(kernel, centres.momentums[shard], tf.convert_to_tensor(kernel_gradient), learning_rate,
                    self.momentum, self.weight_decay)
-        count = tf.cast(tf.size(labels), tf.float32)
-        sums = IdentitySums(loss=tf.reduce_sum(tf.cast(per_sample, tf.float32)),
-                            correct=tf.reduce_sum(tf.cast(correct, tf.float32)),
-                            margin=tf.reduce_sum(tf.cast(margins, tf.float32)),
-                            margin_sq=tf.reduce_sum(tf.square(tf.cast(margins, tf.float32))), count=count,
-                            skipped=tf.constant(0.0))
-        return StepOutput(StepSums(images=count, identity=sums))
+        sums = sums_of_samples(tf.cast(per_sample, tf.float32), correct, tf.cast(margins, tf.float32))
+        return StepOutput(StepSums(images=tf.cast(tf.size(labels), tf.float32), identity=sums))

@@ -31,7 +31,7 @@ class Stage(abc.ABC):
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.train.info.num_images // self.train.global_batch
+        return self.train.steps_per_epoch
 
     def inputs(self) -> list[InputSpec]:
         """The datasets each replica step reads, in argument order (the training batches first)."""

@@ -43,7 +43,7 @@ def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy
     if config.head_sharding == "sharded":  # the pretrain stage only (a flag validator says so)
         return build_sharded_pretrain(config, name, train, stage_schedule, strategy)
     with strategy.scope():
-        backbone, head, optimizer = build_model(config, info.num_identities, train_steps_per_epoch(train),
+        backbone, head, optimizer = build_model(config, info.num_identities, train.steps_per_epoch,
                                                 stage_schedule)
         common = dict(name=name, schedule=stage_schedule, backbone=backbone, head=head, optimizer=optimizer,
                       train=train)
@@ -68,7 +68,7 @@ def build_sharded_pretrain(config: TrainConfig, name: str, train: InputSpec, sta
     with strategy.scope():
         backbone = build_iresnet(config.backbone, config.image_size, config.embedding_size,
                                  config.width_multiplier, config.dropout, config.sync_bn)
-        optimizer = keras.optimizers.SGD(learning_rate_schedule(stage_schedule, train_steps_per_epoch(train)),
+        optimizer = keras.optimizers.SGD(learning_rate_schedule(stage_schedule, train.steps_per_epoch),
                                          momentum=config.momentum, weight_decay=config.weight_decay or None)
         optimizer.build(backbone.trainable_variables)
     # Outside the scope: one plain variable per replica on its device, not a mirrored copy of all classes.
@@ -91,10 +91,6 @@ def log_head_footprint(config: TrainConfig, num_classes: int, replicas: int) -> 
                  "gradient, %.3g MB of logits, %.3g MB sent per step", config.head_sharding, replicas,
                  figures["centres"], figures["state_bytes"] / 1e9, figures["logits_bytes"] / 1e6,
                  figures["sent_bytes"] / 1e6)
-
-
-def train_steps_per_epoch(train: InputSpec) -> int:
-    return train.info.num_images // train.global_batch
 
 
 def build_model(config: TrainConfig, num_identities: int, steps_per_epoch: int, stage_schedule: Schedule):

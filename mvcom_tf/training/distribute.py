@@ -52,6 +52,11 @@ class InputSpec:
     global_batch: int
     seed: int
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Whole global batches in one pass over the folder."""
+        return self.info.num_images // self.global_batch
+
 
 def read_input(flag: str, data_dir: str, global_batch: int, seed: int) -> InputSpec:
     """Reads dataset.json, naming the flag in the error, and checks that it holds one global batch."""
