@@ -12,67 +12,68 @@ of the model's own evaluation (`<model>/eval/results.json`) when it has one.
 
 from __future__ import annotations
 
-import glob
+import io
 import json
-import os
 import posixpath
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
+import numpy as np
+import tensorflow as tf
 from absl import app, flags
 
-flags.DEFINE_string("model", None, "SavedModel, run folder, .onnx or arcface_torch .pt (as in mvcom_tf.evaluate).",
-                    required=True)
-flags.DEFINE_string("images", "", "A folder (recursive), a glob, or a text file listing image paths.")
-flags.DEFINE_string("output", "embeddings.npz", "Where --images' embeddings go.")
-flags.DEFINE_bool("compare", False, "Compare the two image paths given as arguments.")
-flags.DEFINE_float("threshold", None, "Cosine at or above which two faces are the same person; default: the "
-                   "model's evaluation threshold (<model>/eval/results.json).")
-flags.DEFINE_float("min_confidence", 0.9, "The lowest detection confidence kept.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("min_face_size", 20, "The smallest face side in pixels kept.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 64, "Faces embedded at once.", lower_bound=1)
+from mvcom_tf.data import alignment
+from mvcom_tf.data.detection import FaceDetector, choose
+from mvcom_tf.data.images import IMAGE_EXTENSIONS, ImageProblem, decode_rgb
+from mvcom_tf.evaluation.embedders import load_embedder
+from mvcom_tf.evaluation.verification import embed_images
+
 FLAGS = flags.FLAGS
 
 
-def image_paths(spec: str) -> list[str]:
-    """The images named by --images: a folder (recursive), a glob, or a list file."""
-    from mvcom_tf.data.images import IMAGE_EXTENSIONS
+def define_flags(values: flags.FlagValues = FLAGS) -> None:
+    """The command's flags (defined by run_main, not at import)."""
+    flags.DEFINE_string("model", None, "SavedModel, run folder, .onnx or arcface_torch .pt (as in "
+                        "mvcom_tf.evaluate).", required=True, flag_values=values)
+    flags.DEFINE_string("images", "", "A folder (recursive), a glob, or a text file listing image paths.",
+                        flag_values=values)
+    flags.DEFINE_string("output", "embeddings.npz", "Where --images' embeddings go.", flag_values=values)
+    flags.DEFINE_bool("compare", False, "Compare the two image paths given as arguments.", flag_values=values)
+    flags.DEFINE_float("threshold", None, "Cosine at or above which two faces are the same person; default: the "
+                       "model's evaluation threshold (<model>/eval/results.json).", flag_values=values)
+    flags.DEFINE_float("min_confidence", 0.9, "The lowest detection confidence kept.", lower_bound=0.0,
+                       upper_bound=1.0, flag_values=values)
+    flags.DEFINE_integer("min_face_size", 20, "The smallest face side in pixels kept.", lower_bound=1,
+                         flag_values=values)
+    flags.DEFINE_integer("batch_size", 64, "Faces embedded at once.", lower_bound=1, flag_values=values)
 
-    if os.path.isdir(spec):
-        found = [os.path.join(folder, name) for folder, _, names in os.walk(spec) for name in names]
+
+def image_paths(spec: str) -> list[str]:
+    """The images named by --images: a folder (recursive), a glob, or a list file (any tf.io.gfile path)."""
+    if tf.io.gfile.isdir(spec):
+        found = [posixpath.join(folder, name) for folder, _, names in tf.io.gfile.walk(spec) for name in names]
         return sorted(path for path in found if path.lower().endswith(IMAGE_EXTENSIONS))
-    if os.path.isfile(spec) and not spec.lower().endswith(IMAGE_EXTENSIONS):
-        with open(spec) as f:
-            base = os.path.dirname(spec)
-            return [line.strip() if os.path.isabs(line.strip()) else os.path.join(base, line.strip())
-                    for line in f if line.strip()]
-    return sorted(glob.glob(spec))
+    if not spec.lower().endswith(IMAGE_EXTENSIONS) and tf.io.gfile.exists(spec):
+        with tf.io.gfile.GFile(spec) as f:
+            base = posixpath.dirname(spec)
+            return [line.strip() if posixpath.isabs(line.strip()) or "://" in line else
+                    posixpath.join(base, line.strip()) for line in f if line.strip()]
+    return sorted(tf.io.gfile.glob(spec))
 
 
 class FaceEmbedder:
     """Photograph -> detected, aligned face -> flip-fused, L2-normalised embedding."""
 
-    def __init__(self, model: str, min_confidence: float, min_face_size: int) -> None:
-        import tensorflow as tf
-
-        from mvcom_tf.data.detection import FaceDetector
-        from mvcom_tf.evaluation.embedders import load_embedder
-
+    def __init__(self, model: str, min_confidence: float, min_face_size: int, batch_size: int = 64) -> None:
         embed, self.image_size = load_embedder(model)
         self.embed = tf.function(embed, reduce_retracing=True)
         self.detector = FaceDetector(min_confidence, min_face_size)
+        self.batch_size = batch_size
 
     def face(self, path: str):
         """(aligned uint8 face, Face) of the photo's main face; raises ImageProblem, or returns (None, None)."""
-        import tensorflow as tf
-
-        from mvcom_tf.data import alignment, images
-        from mvcom_tf.data.detection import choose
-
         with tf.io.gfile.GFile(path, "rb") as f:
-            image = images.decode_rgb(f.read())
+            image = decode_rgb(f.read())
         found = choose(self.detector.detect(image), image.shape)
         if found is None:
             return None, None
@@ -80,20 +81,11 @@ class FaceEmbedder:
 
     def embeddings(self, faces):
         """Flip-fused embeddings [N, E] of aligned faces."""
-        import numpy as np
-        import tensorflow as tf
-
-        from mvcom_tf.evaluation.verification import embed_images
-
-        return embed_images(self.embed, tf.data.Dataset.from_tensor_slices(np.stack(faces)).batch(FLAGS.batch_size))
+        return embed_images(self.embed, tf.data.Dataset.from_tensor_slices(np.stack(faces)).batch(self.batch_size))
 
 
 def embed_folder(embedder: FaceEmbedder, paths: list[str], output: str) -> dict:
     """Embeds every photo of `paths` into `output` (.npz); returns counts."""
-    import numpy as np
-
-    from mvcom_tf.data.images import ImageProblem
-
     kept, faces, boxes, landmarks, confidences, no_face, unreadable = [], [], [], [], [], [], []
     start = time.perf_counter()
     for index, path in enumerate(paths, 1):
@@ -115,28 +107,31 @@ def embed_folder(embedder: FaceEmbedder, paths: list[str], output: str) -> dict:
               end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     embeddings = embedder.embeddings(faces) if faces else np.zeros((0, 0), np.float32)
-    np.savez(output, paths=np.array(kept), embeddings=embeddings.astype(np.float32),
-             boxes=np.array(boxes, np.float32).reshape(-1, 4), landmarks=np.array(landmarks, np.float32).reshape(-1, 5, 2),
+    buffer = io.BytesIO()  # written whole through tf.io.gfile, so --output may be on gs://
+    np.savez(buffer, paths=np.array(kept), embeddings=embeddings.astype(np.float32),
+             boxes=np.array(boxes, np.float32).reshape(-1, 4),
+             landmarks=np.array(landmarks, np.float32).reshape(-1, 5, 2),
              confidences=np.array(confidences, np.float32), no_face=np.array(no_face), unreadable=np.array(unreadable))
+    with tf.io.gfile.GFile(output, "wb") as f:
+        f.write(buffer.getvalue())
     return {"embedded": len(kept), "no_face": len(no_face), "unreadable": len(unreadable)}
 
 
 def model_threshold(model: str) -> float | None:
     """The cosine threshold of the model's own evaluation, if it has one (its first benchmark that gives one)."""
     path = posixpath.join(model, "eval", "results.json")
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return None
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         for result in json.load(f).values():
-            if "global_threshold" in result:
-                return float(result["global_threshold"])
+            for key in ("global_threshold", "threshold"):
+                if key in result:
+                    return float(result[key])
     return None
 
 
 def main(argv: list[str]) -> int:
-    from mvcom_tf.data.images import ImageProblem
-
-    embedder = FaceEmbedder(FLAGS.model, FLAGS.min_confidence, FLAGS.min_face_size)
+    embedder = FaceEmbedder(FLAGS.model, FLAGS.min_confidence, FLAGS.min_face_size, FLAGS.batch_size)
     if FLAGS.compare:
         if len(argv) != 3:
             raise app.UsageError("--compare takes two image paths")
@@ -172,6 +167,7 @@ def main(argv: list[str]) -> int:
 
 def run_main() -> None:
     """The console script (and `python -m`)."""
+    define_flags()
     app.run(main)
 
 

@@ -4,6 +4,8 @@ import io
 import json
 import os
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -58,6 +60,16 @@ def test_every_format_and_mode_decodes_to_upright_rgb():
     np.testing.assert_allclose(turned.astype(float), np.rot90(rgb, k=-1).astype(float), atol=40)
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height grey pixels, with one tiny IDAT: a decompression bomb's header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
 def test_bad_inputs_get_their_reasons():
     jpeg = encoded(Image.fromarray(gradient()), "JPEG")
     bad = {
@@ -65,6 +77,8 @@ def test_bad_inputs_get_their_reasons():
         "one_pixel": (encoded(Image.new("RGB", (1, 1)), "PNG"), "image_too_small"),
         "not_an_image": (b"%PDF-1.4 not a picture at all" * 10, "undecodable_image"),
         "bomb": (encoded(Image.new("L", (9000, 9000)), "PNG"), "image_too_large"),
+        # A header claiming 40000 x 40000: over Pillow's own limit, which raises while opening.
+        "huge_header": (png_header_only(40000, 40000), "image_too_large"),
     }
     for name, (data, reason) in bad.items():
         with pytest.raises(images.ImageProblem) as problem:
@@ -222,7 +236,12 @@ def test_csv_kind_scores_like_the_pairs_kind_and_names_faceless_photos(tmp_path)
     Image.new("RGB", (300, 200), (110, 110, 110)).save(photos / "wall.png")
     lines = ["face0.png,face0.png,1", "face1.png,wall.png,0", "face2.png,face1.png,0", "face1.png,face1.png,1",
              "face2.png,face2.png,1"] * 2  # ten pairs: the 10-fold protocol needs ten
+    # An eleventh pair whose second photo is no image: left out of the figures, counted and named.
+    (photos / "broken.jpg").write_bytes(b"not a photograph")
+    lines.append("face0.png,broken.jpg,0")
     (photos / "list.csv").write_text("path1,path2,same\n" + "\n".join(lines) + "\n")
     result = evaluate(model, [f"csv:{photos / 'list.csv'}"], str(tmp_path / "e3"))["csv:list.csv"]
     assert result["num_pairs"] == 10 and str(photos / "wall.png") in result["no_face_images"]
     assert result["no_face"] == len(result["no_face_images"]) >= 1
+    assert result["unreadable"] == 1 and result["pairs_left_out"] == 1
+    assert "broken.jpg" in result["unreadable_images"][0] and "undecodable_image" in result["unreadable_images"][0]

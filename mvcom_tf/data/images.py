@@ -50,7 +50,12 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # reads the header only
-    except Exception as error:  # Pillow raises many types for a file that is not an image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Pillow's own header check (over 2x its MAX_IMAGE_PIXELS it raises instead of warning).
+        raise ImageProblem("image_too_large", f"refused before decoding: {error}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageProblem("undecodable_image", "not an image Pillow or TensorFlow reads (unknown format)") from None
+    except Exception as error:  # Pillow raises many types for a broken header
         raise ImageProblem("undecodable_image", f"not an image Pillow or TensorFlow reads ({error})") from None
     width, height = image.size
     if width * height > max_pixels:

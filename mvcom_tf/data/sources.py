@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import alignment, images, recordio, schema
-from mvcom_tf.data.conversion import Item, Loaded, Report, Skip, image_problem
+from mvcom_tf.data.conversion import Item, Loaded, Report, Skip, image_problem, load_each
 from mvcom_tf.data.tfrecord import DatasetError
 
 ALIGN_MODES = ("detect", "landmarks", "none")
@@ -72,7 +72,11 @@ class RecordIOSource:
             report.skip("corrupt_record", str(error))
             return None
 
+    def load_batch(self, items: list[Item]) -> list[Loaded | Skip]:
+        return load_each(self.load, items)
+
     def load(self, item: Item) -> Loaded:
+        """One record's image bytes as stored (already aligned); raises Skip."""
         record = self._read(item.locator, None)
         problem = image_problem(record.image)
         if problem:
@@ -145,8 +149,10 @@ class FolderSource:
             _DETECTORS[key] = FaceDetector(self.min_confidence, self.min_face_size)
         return _DETECTORS[key]
 
-    def landmarks_of(self, image: np.ndarray, points: np.ndarray | None) -> tuple[np.ndarray | None, bool]:
-        """The landmarks to align by (None: resize) and whether they were detected; raises Skip."""
+    def landmarks_of(self, image: np.ndarray, points: np.ndarray | None,
+                     faces: list | None) -> tuple[np.ndarray | None, bool]:
+        """The landmarks to align by (None: resize) and whether they were detected; raises Skip.
+        `faces` are the detector's faces in the image (None when it was not run)."""
         if self.align == "none":
             return None, False
         if points is not None:
@@ -155,7 +161,7 @@ class FolderSource:
             raise Skip("no_landmarks", "no row in the landmark file")
         from mvcom_tf.data.detection import choose
 
-        face = choose(self._detector().detect(image), image.shape)
+        face = choose(faces or [], image.shape)
         if face is None:
             raise Skip("no_face", f"no face of confidence >= {self.min_confidence} and >= {self.min_face_size} px "
                                   f"in the {image.shape[1]}x{image.shape[0]} image")
@@ -182,15 +188,32 @@ class FolderSource:
                                f"(extensions {', '.join(images.IMAGE_EXTENSIONS)})")
         return items
 
-    def load(self, item: Item) -> Loaded:
-        path, points = item.locator
-        with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()
-        try:
-            image = images.decode_rgb(data)
-        except images.ImageProblem as problem:
-            raise Skip(problem.reason, problem.detail) from None
-        points, detected = self.landmarks_of(image, points)
+    def load_batch(self, items: list[Item]) -> list[Loaded | Skip]:
+        """Decodes the batch, detects faces in the images that need it in one call, aligns and encodes."""
+        decoded: list[np.ndarray | Skip] = []
+        for path, _ in (item.locator for item in items):
+            with tf.io.gfile.GFile(path, "rb") as f:
+                data = f.read()
+            try:
+                decoded.append(images.decode_rgb(data))
+            except images.ImageProblem as problem:
+                decoded.append(Skip(problem.reason, problem.detail))
+        wanted = [i for i, (item, image) in enumerate(zip(items, decoded))
+                  if self.align == "detect" and item.locator[1] is None and not isinstance(image, Skip)]
+        faces = dict(zip(wanted, self._detector().detect_many([decoded[i] for i in wanted]))) if wanted else {}
+        results: list[Loaded | Skip] = []
+        for index, (item, image) in enumerate(zip(items, decoded)):
+            try:
+                if isinstance(image, Skip):
+                    raise image
+                points, detected = self.landmarks_of(image, item.locator[1], faces.get(index))
+                results.append(self._aligned(image, points, detected))
+            except Skip as skip:
+                results.append(skip)
+        return results
+
+    def _aligned(self, image: np.ndarray, points: np.ndarray | None, detected: bool) -> Loaded:
+        """The face aligned by `points` (resized when None), encoded, with its yaw, pose and blur labels."""
         labels: dict[str, Any] = {}
         if points is not None:
             face = alignment.align_face(tf.constant(image), points, self.image_size)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from mvcom_tf.data import alignment, images, schema
 from mvcom_tf.data.pipeline import eval_dataset
@@ -83,8 +84,9 @@ def file_images(paths: list[str], landmarks: list[np.ndarray | None], image_size
 def _verification(scores: np.ndarray, same: np.ndarray, label: str) -> Scored:
     folds = kfold_accuracy(scores, same)
     far, tar, _ = metrics.roc_curve(scores, same)
+    # The threshold of the best accuracy over all pairs: what `embed --compare` uses for this model.
     result = {"accuracy": folds.accuracy, "accuracy_std": folds.std, "num_pairs": int(len(scores)),
-              "tar_at_far": metrics.tar_at_far(scores, same)}
+              "threshold": float(best_threshold(scores, same)), "tar_at_far": metrics.tar_at_far(scores, same)}
     return Scored(result, {label: (far, tar)})
 
 
@@ -101,18 +103,21 @@ def _pair_scores(embed: EmbedFn, pairs: formats.PairList, landmarks, image_size:
     return np.sum(embeddings[pairs.first] * embeddings[pairs.second], axis=1)
 
 
-def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray | None], list[str]]:
+def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray | None], list[str], dict[str, str]]:
     """Each photo's detected landmarks, None for a photo already aligned (the model's input size, or 112
-    px square), and the photos in which no face was found (they are embedded whole, resized)."""
+    px square); the photos in which no face was found (they are embedded whole, resized); and the
+    photos that cannot be read, with the reason."""
     from mvcom_tf.data.detection import FaceDetector, choose
 
-    detector, landmarks, no_face = FaceDetector(), [], []
+    detector, landmarks, no_face, unreadable = FaceDetector(), [], [], {}
     for path in paths:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            try:
+        try:
+            with tf.io.gfile.GFile(path, "rb") as f:
                 image = images.decode_rgb(f.read())
-            except images.ImageProblem as problem:
-                raise DatasetError(f"{path}: {problem}") from None
+        except (images.ImageProblem, tf.errors.NotFoundError) as problem:
+            unreadable[path] = f"{path}: {problem}"
+            landmarks.append(None)
+            continue
         if image.shape[0] == image.shape[1] and image.shape[0] in (image_size, alignment.ALIGNED_SIZE):
             landmarks.append(None)
             continue
@@ -120,14 +125,35 @@ def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray 
         landmarks.append(None if face is None else face.landmarks)
         if face is None:
             no_face.append(path)
-    return landmarks, no_face
+    return landmarks, no_face, unreadable
+
+
+def _readable_pairs(pairs: formats.PairList, landmarks: list, unreadable: dict[str, str]):
+    """The pairs whose two photos can be read, over the readable photos only (with their landmarks)."""
+    keep = [index for index, path in enumerate(pairs.paths) if path not in unreadable]
+    position = np.full(len(pairs.paths), -1)
+    position[keep] = np.arange(len(keep))
+    usable = (position[pairs.first] >= 0) & (position[pairs.second] >= 0)
+    kept = formats.PairList([pairs.paths[i] for i in keep], position[pairs.first[usable]],
+                            position[pairs.second[usable]], pairs.same[usable])
+    return kept, [landmarks[i] for i in keep], int(np.sum(~usable))
 
 
 def _photo_pairs(embed: EmbedFn, pairs: formats.PairList, name: str, image_size: int, batch_size: int) -> Scored:
-    """Pairs of photographs: detected and aligned unless already aligned; faceless photos counted and named."""
-    landmarks, no_face = photo_landmarks(pairs.paths, image_size)
+    """Pairs of photographs: detected and aligned unless already aligned; faceless photos embedded whole,
+    counted and named; a pair with a photo that cannot be read is left out, counted and named."""
+    landmarks, no_face, unreadable = photo_landmarks(pairs.paths, image_size)
+    if unreadable:
+        pairs, landmarks, left_out = _readable_pairs(pairs, landmarks, unreadable)
+        logging.warning("%s: %d photo(s) cannot be read, %d pair(s) left out; first: %s", name, len(unreadable),
+                        left_out, next(iter(unreadable.values())))
+        if not len(pairs.same):
+            raise DatasetError(f"{name}: no pair has two readable photos (e.g. {next(iter(unreadable.values()))})")
     scored = _verification(_pair_scores(embed, pairs, landmarks, image_size, batch_size), pairs.same, name)
     scored.result.update(no_face=len(no_face), no_face_images=no_face)
+    if unreadable:
+        scored.result.update(unreadable=len(unreadable), unreadable_images=list(unreadable.values()),
+                             pairs_left_out=left_out)
     return scored
 
 
