@@ -52,7 +52,7 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
     if kind == "plain":
         margin_step = MarginStep(model, head, optimizer, margins, batch)
         return compile_step(lambda: margin_step(batch_data)), batch
-    meta_step, _ = build_meta_step(config, model, head, optimizer, margins, {}, replicas=1)
+    meta_step, _ = build_meta_step(config, MarginStep(model, head, optimizer, margins, batch), {}, replicas=1)
     return compile_step(lambda: meta_step(batch_data, meta_data)), batch
 
 

@@ -2,7 +2,8 @@
 
 This is the one source of the training flags: `mvcom_tf.config_flags` defines and validates
 an absl flag per field from its type, default and metadata. The CPU demo is not the default;
-it is `flags/demo.cfg`, which `python -m mvcom_tf.train` applies when given no flags at all.
+it is `flags/demo.cfg`, which `python -m mvcom_tf.train` applies when given neither --train_data nor a
+flagfile.
 """
 
 from __future__ import annotations

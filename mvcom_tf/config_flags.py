@@ -11,7 +11,7 @@ from absl import flags
 from mvcom_tf.config import FACTOR_LIST, STAGE_NAMES, TrainConfig
 from mvcom_tf.evaluation.benchmark_spec import KINDS, parse_benchmark
 
-# The CPU demo's recipe: applied when the command has no flags at all.
+# The CPU demo's recipe: applied when the command names neither --train_data nor a flagfile.
 DEMO_FLAGFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flags", "demo.cfg")
 
 
@@ -85,13 +85,14 @@ def _register_validators(flag_values: flags.FlagValues) -> None:
                    "--jit_compile needs --strategy=default (one device per process)", flag_values=flag_values)
     register_multi(["margin_min", "margin_max"], lambda f: f["margin_min"] <= f["margin_max"],
                    "--margin_min must not exceed --margin_max", flag_values=flag_values)
-    register_multi(["head_sharding", "stage"], lambda f: f["head_sharding"] != "sharded" or "meta" not in f["stage"],
-                   "--head_sharding=sharded trains the pretrain stage only: the MvCoM meta step's second-order pass "
-                   "through a sharded head is not built yet", flag_values=flag_values)
-    register_multi(["head_sharding", "strategy"],
-                   lambda f: f["head_sharding"] != "sharded" or f["strategy"] != "multi_worker",
-                   "--head_sharding=sharded runs on one host (--strategy=mirrored or default): its checkpoints "
-                   "gather the shards in one process", flag_values=flag_values)
+    register_multi(["head_sharding", "head_warmup_steps"],
+                   lambda f: f["head_sharding"] != "sharded" or not f["head_warmup_steps"],
+                   "--head_warmup_steps needs --head_sharding=replicated (the warm-up trains a replicated head with "
+                   "its own Keras optimizer)", flag_values=flag_values)
+    register_multi(["head_sharding", "nan_policy"],
+                   lambda f: f["head_sharding"] != "sharded" or f["nan_policy"] != "skip",
+                   "--nan_policy=skip needs --head_sharding=replicated (a skipped step is not built for the "
+                   "sharded centres' own SGD)", flag_values=flag_values)
     register_multi(["head_sharding", "mixed_precision"],
                    lambda f: f["head_sharding"] != "sharded" or f["mixed_precision"] != "float16",
                    "--head_sharding=sharded does not take float16's loss scaling: use --mixed_precision=bfloat16",

@@ -8,7 +8,7 @@ import tensorflow as tf
 from mvcom_tf.losses.margins import identity_loss
 from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.sharded_head import ShardedMarginHead, sgd_update
-from mvcom_tf.training.metrics import StepOutput, StepSums, identity_sums, sums_of_samples
+from mvcom_tf.training.metrics import StepOutput, StepSums, sums_of_samples
 
 
 class MarginStep:
@@ -31,7 +31,13 @@ class MarginStep:
         self.skip_nonfinite = skip_nonfinite
 
     @property
+    def head_variables(self) -> list:
+        """The identity head's variables that this replica differentiates (after the backbone's in `apply`)."""
+        return self.head.trainable_variables
+
+    @property
     def variables(self) -> list:
+        """What the Keras optimizer updates."""
         return self.backbone.trainable_variables + self.head.trainable_variables
 
     def margins(self, batch: dict[str, tf.Tensor]) -> tf.Tensor:
@@ -54,21 +60,30 @@ class MarginStep:
         non_trainable_values = [v.value for v in self.backbone.non_trainable_variables]
         return self.backbone.stateless_call(trainable_values, non_trainable_values, images, training=True)
 
+    def identity_losses(self, embeddings: tf.Tensor, labels: tf.Tensor,
+                        margins: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Per-sample margin losses of this replica's samples, and whether each one's class scored highest."""
+        logits = self.head(embeddings, labels, margins)
+        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
+        return identity_loss(logits, labels), correct
+
     def losses_and_gradients(self, images, labels, margins):
-        """Per-sample losses, logits, the gradients of their global-batch mean and the new BN statistics."""
+        """Per-sample losses, correctness, the gradients of the global-batch mean (backbone, then head
+        variables) and the new BN statistics."""
         trainable_values = [v.value for v in self.backbone.trainable_variables]
+        head_variables = self.head_variables
         with tf.GradientTape() as tape:
             tape.watch(trainable_values)
             embeddings, statistics = self.forward(images, trainable_values)
-            logits = self.head(embeddings, labels, margins)
-            per_sample = identity_loss(logits, labels)
+            per_sample, correct = self.identity_losses(embeddings, labels, margins)
             loss = tf.reduce_sum(per_sample) / self.global_batch
             if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
                 loss = self.optimizer.scale_loss(loss)  # its apply_gradients unscales (and skips non-finite)
-        gradients = tape.gradient(loss, trainable_values + self.head.trainable_variables)
-        return per_sample, logits, gradients, statistics
+        gradients = tape.gradient(loss, trainable_values + head_variables)
+        return per_sample, correct, gradients, statistics
 
     def apply(self, gradients, statistics) -> None:
+        """Gradients of the backbone then of head_variables, and the pass's BatchNorm statistics."""
         self.optimizer.apply_gradients(zip(gradients, self.variables))
         assign_statistics(self.backbone, statistics)
 
@@ -86,9 +101,9 @@ class MarginStep:
         """One step on a training batch."""
         labels = batch["identity"]
         margins = self.margins(batch)
-        per_sample, logits, gradients, statistics = self.losses_and_gradients(batch["image"], labels, margins)
+        per_sample, correct, gradients, statistics = self.losses_and_gradients(batch["image"], labels, margins)
         applied = self.update(gradients, statistics, per_sample)
-        sums = identity_sums(per_sample, logits, labels, margins, applied if self.skip_nonfinite else None)
+        sums = sums_of_samples(per_sample, correct, margins, applied if self.skip_nonfinite else None)
         return StepOutput(StepSums(images=tf.cast(tf.size(labels), tf.float32), identity=sums))
 
 
@@ -140,35 +155,33 @@ class ShardedMarginStep(MarginStep):
     The backbone's gradients go to the Keras optimizer (summed over replicas as usual); each
     replica updates its own shard of centres with the same SGD (learning rate, momentum,
     decoupled weight decay), with no cross-replica reduction: the shard's gradient already
-    covers the whole global batch.
+    covers the whole global batch. The meta step uses it as it uses MarginStep.
     """
 
     def __init__(self, backbone: keras.Model, head: ShardedMarginHead, optimizer: keras.optimizers.Optimizer,
-                 class_margins: tf.Tensor, global_batch: int, momentum: float, weight_decay: float) -> None:
-        super().__init__(backbone, head, optimizer, class_margins, global_batch)
+                 class_margins: tf.Tensor, global_batch: int, momentum: float, weight_decay: float,
+                 factor_offsets: dict[str, tf.Tensor] | None = None) -> None:
+        super().__init__(backbone, head, optimizer, class_margins, global_batch, factor_offsets=factor_offsets)
         self.momentum, self.weight_decay = momentum, weight_decay
+
+    @property
+    def head_variables(self) -> list:
+        """This replica's shard of centres (outside the Keras optimizer: its SGD runs in `apply`)."""
+        return [self.head.centres.local_kernel()]
 
     @property
     def variables(self) -> list:
         return self.backbone.trainable_variables
 
-    def __call__(self, batch: dict[str, tf.Tensor]) -> StepOutput:
-        """One step on a training batch."""
-        labels, margins = batch["identity"], self.margins(batch)
-        shard = int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
+    def identity_losses(self, embeddings: tf.Tensor, labels: tf.Tensor,
+                        margins: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        per_sample, correct, _ = self.head.per_sample_loss(embeddings, labels, margins, self.optimizer.iterations)
+        return per_sample, correct
+
+    def apply(self, gradients, statistics) -> None:
+        *backbone_gradients, kernel_gradient = gradients
         centres = self.head.centres
-        kernel = centres.kernels[shard]
-        trainable_values = [v.value for v in self.backbone.trainable_variables]
-        with tf.GradientTape() as tape:
-            tape.watch(trainable_values)
-            tape.watch(kernel)  # not trainable to Keras: its SGD runs here, not in the optimizer
-            embeddings, statistics = self.forward(batch["image"], trainable_values)
-            per_sample, correct, _ = self.head.per_sample_loss(embeddings, labels, margins, self.optimizer.iterations)
-            loss = tf.reduce_sum(per_sample) / self.global_batch
-        *gradients, kernel_gradient = tape.gradient(loss, trainable_values + [kernel])
         learning_rate = self.optimizer.learning_rate  # this step's, before the optimizer counts it
-        self.apply(gradients, statistics)
-        sgd_update(kernel, centres.momentums[shard], tf.convert_to_tensor(kernel_gradient), learning_rate,
-                   self.momentum, self.weight_decay)
-        sums = sums_of_samples(tf.cast(per_sample, tf.float32), correct, tf.cast(margins, tf.float32))
-        return StepOutput(StepSums(images=tf.cast(tf.size(labels), tf.float32), identity=sums))
+        super().apply(backbone_gradients, statistics)
+        sgd_update(centres.local_kernel(), centres.local_momentum(), tf.convert_to_tensor(kernel_gradient),
+                   learning_rate, self.momentum, self.weight_decay)

@@ -1,9 +1,10 @@
 """Train a face-recognition model: `python -m mvcom_tf.train [--flagfile=flags/<recipe>.cfg] [--flag=value ...]`.
 
 The defaults are the paper's (IResNet-100, 512-d, s = 64, CosFace pre-training only); the
-recipes in flags/ set the rest. With no flags at all it runs the CPU demo, flags/demo.cfg: it
-makes the synthetic data under data/synthetic/ if missing, pre-trains with CosFace, fine-tunes
-with MvCoM, evaluates on the synthetic test pairs and exports a SavedModel under runs/demo/.
+recipes in flags/ set the rest. Without --train_data or a flagfile it runs the CPU demo,
+flags/demo.cfg, with the given flags on top: it makes the synthetic data under data/synthetic/
+if missing, pre-trains with CosFace, fine-tunes with MvCoM, evaluates on the synthetic test
+pairs and exports a SavedModel under runs/demo/.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = config_from_flags(FLAGS)
     if not config.train_data:
-        raise app.UsageError("--train_data is required (or run with no flags at all for the demo, flags/demo.cfg)")
+        raise app.UsageError("--train_data is required (a flagfile without it names no training data)")
     for source, names in flag_sources(list(command)).items():
         logging.info("flags from %s: %s", source, ", ".join(names))
     logging.info("every other flag has its default (python -m mvcom_tf.train --helpfull)")
@@ -88,9 +89,13 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
     return 0
 
 
-def with_demo_if_bare(argv: list[str]) -> list[str]:
-    """The command line, with flags/demo.cfg when it has no flags at all."""
-    return argv if len(argv) > 1 else [*argv, f"--flagfile={DEMO_FLAGFILE}"]
+def with_demo_unless_data(argv: list[str]) -> list[str]:
+    """The command line, with flags/demo.cfg first when it names neither --train_data nor a flagfile:
+    `python -m mvcom_tf.train --cpu_replicas=2` is the demo on two replicas (its own flags win)."""
+    names = {arg.lstrip("-").split("=", 1)[0] for arg in argv[1:] if arg.startswith("-")}
+    if names & {"train_data", "flagfile", "help", "helpfull", "helpshort", "helpxml", "h", "?"}:
+        return argv
+    return [argv[0], f"--flagfile={DEMO_FLAGFILE}", *argv[1:]]
 
 
 def run_main() -> None:
@@ -99,7 +104,7 @@ def run_main() -> None:
     # progress lines; Python exceptions still show. Set TF_CPP_MIN_LOG_LEVEL to see them.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     define_flags(FLAGS)
-    argv = with_demo_if_bare(sys.argv)
+    argv = with_demo_unless_data(sys.argv)
     app.run(functools.partial(main, command=tuple(argv[1:])), argv=argv)
 
 

@@ -12,7 +12,9 @@ from mvcom_tf.config import TrainConfig
 from mvcom_tf.data import schema
 from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.iresnet import build_iresnet
+from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead
 from mvcom_tf.stages.build import build_meta_step
+from mvcom_tf.steps import MarginStep, ShardedMarginStep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = f"--flagfile={REPO}/flags/demo.cfg"
@@ -79,20 +81,29 @@ def small_backbone(sync_bn):
     return keras.Model(inputs, outputs)
 
 
-def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False):
-    """The meta step (mvcom_tf.stages.build's wiring) around a small backbone, in float64 under the float64 fixture."""
+def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False, sharded=False):
+    """The meta step (mvcom_tf.stages.build's wiring) around a small backbone, in float64 under the float64 fixture;
+    `sharded`: its identity centres split over the replicas (the same initial values)."""
     config = TrainConfig(batch_size=BATCH, meta_batch_size=META, embedding_size=8, meta_lr_tau=tau, meta_inner_lr=ETA,
                          residual_max=1e9, meta_scope=scope, factor_weights=weights, meta_sampling="random",
-                         variation_lr=0.1)
+                         variation_lr=0.1, momentum=0.9, weight_decay=0.0)
     keras.utils.set_random_seed(1)
     with strategy.scope():
         backbone = small_backbone(sync_bn)
         head = MarginHead(NUM_IDS, scale=8.0)
         head.build((None, 8))
         optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-        optimizer.build(backbone.trainable_variables + head.trainable_variables)
-        prior = tf.constant(np.linspace(0.25, 0.45, NUM_IDS), keras.config.floatx())
-        meta_step, _ = build_meta_step(config, backbone, head, optimizer, prior, {}, strategy.num_replicas_in_sync)
+        optimizer.build(backbone.trainable_variables + ([] if sharded else head.trainable_variables))
+    prior = tf.constant(np.linspace(0.25, 0.45, NUM_IDS), keras.config.floatx())
+    if sharded:
+        centres = ShardedCentres.for_strategy(strategy, NUM_IDS, 8, dtype=keras.config.floatx())
+        centres.assign_full(head.kernel)
+        margin_step = ShardedMarginStep(backbone, ShardedMarginHead(centres, scale=8.0, global_batch=BATCH),
+                                        optimizer, prior, BATCH, momentum=0.9, weight_decay=0.0)
+    else:
+        margin_step = MarginStep(backbone, head, optimizer, prior, BATCH)
+    with strategy.scope():
+        meta_step, _ = build_meta_step(config, margin_step, {}, strategy.num_replicas_in_sync)
         for layer in meta_step.heads.classifiers.values():  # non-trivial heads: every factor's loss has a gradient
             layer.kernel.assign(np.random.default_rng(2).normal(0, 1, layer.kernel.shape))
     return meta_step

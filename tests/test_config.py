@@ -10,7 +10,7 @@ from absl import flags
 
 from mvcom_tf.config import TrainConfig
 from mvcom_tf.config_flags import DEMO_FLAGFILE, define_flags, flag_sources, parse_config
-from mvcom_tf.train import with_demo_if_bare
+from mvcom_tf.train import with_demo_unless_data
 from tests.helpers import DEMO, REPO, run_module
 
 
@@ -34,8 +34,12 @@ def test_the_defaults_are_the_papers_and_the_demo_is_a_flagfile():
     assert (demo.width_multiplier, demo.embedding_size, demo.scale, demo.image_size) == (0.25, 128, 32.0, 32)
     assert demo.stage == ("pretrain", "meta") and demo.eval_data == ("data/synthetic/test",)
     assert demo.meta_lr_steps == () and (demo.checkpoint_every, demo.log_every) == (200, 20)
-    assert with_demo_if_bare(["mvcom-train"]) == ["mvcom-train", f"--flagfile={DEMO_FLAGFILE}"]
-    assert with_demo_if_bare(["mvcom-train", "--seed=1"]) == ["mvcom-train", "--seed=1"]
+    demo_file = f"--flagfile={DEMO_FLAGFILE}"
+    assert with_demo_unless_data(["mvcom-train"]) == ["mvcom-train", demo_file]
+    # The demo's flags first, so that the command's own win.
+    assert with_demo_unless_data(["mvcom-train", "--seed=1"]) == ["mvcom-train", demo_file, "--seed=1"]
+    for own in (["--train_data=x"], ["--flagfile=flags/bias_study.cfg"], ["--helpfull"]):
+        assert with_demo_unless_data(["mvcom-train", *own]) == ["mvcom-train", *own]
 
 
 def test_flag_sources_name_the_flagfile_and_the_command_line():
@@ -77,8 +81,10 @@ def test_train_data_alone_trains_a_full_width_512d_network_on_it_and_nothing_els
     assert [3, 3, 3, 64] in kernels and [3, 3, 512, 512] in kernels  # full width: stem 64, last stage 512
 
 
-def test_bare_flags_without_train_data_ask_for_it(tmp_path):
-    result = run_module(["-m", "mvcom_tf.train", f"--model_dir={tmp_path}/run"])
+def test_a_flagfile_without_train_data_asks_for_it(tmp_path):
+    flagfile = tmp_path / "recipe.cfg"
+    flagfile.write_text("--backbone=iresnet18\n")
+    result = run_module(["-m", "mvcom_tf.train", f"--flagfile={flagfile}", f"--model_dir={tmp_path}/run"])
     assert result.returncode != 0
     assert "--train_data is required" in result.stderr and "Traceback" not in result.stderr
 

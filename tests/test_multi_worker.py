@@ -26,8 +26,9 @@ def _env(**extra):
     return {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "meta"])
+@pytest.mark.parametrize("stage", ["pretrain", "meta", "meta_sharded"])
 def test_two_workers_reach_the_weights_of_one_process_with_the_whole_batch(tmp_path, stage):
+    """meta_sharded: the workers' identity centres split over them, the single process's replicated."""
     ports = ",".join(str(p) for p in free_ports(2))
     job = ["-m", "tests.multi_worker_job"]
     workers = [subprocess.Popen([sys.executable, *job, "worker", str(i), ports, str(tmp_path / f"w{i}.npz"), stage],
@@ -41,7 +42,8 @@ def test_two_workers_reach_the_weights_of_one_process_with_the_whole_batch(tmp_p
         assert worker.returncode == 0, err[-2000:]
         assert "2 replicas" in out
     one, first, second = (np.load(tmp_path / name) for name in ("one.npz", "w0.npz", "w1.npz"))
-    finals = [key for key in one.files if key.startswith("final_")]
+    finals = [key for key in one.files if key.startswith("final_") and key in first.files]
+    assert "final_centres" in finals and any(key.startswith("final_backbone") for key in finals)
     moved = max(float(np.max(np.abs(one[k] - one[k.replace("final", "initial")]))) for k in finals)
     assert moved > 1e-2  # the steps changed the weights, so the equality below means something
     for key in finals:
@@ -77,3 +79,38 @@ def test_only_the_chief_writes_files(tmp_path, tiny_data):
     assert [p.name for p in scratch[1].iterdir()] == ["tmp"]
     assert not list((scratch[1] / "tmp").glob("mvcom_tf_worker_*"))
     assert "2 replica(s)" in outputs[0][1] and "2 replica(s)" in outputs[1][1]
+
+
+def test_two_workers_shard_the_identity_head_and_one_process_resumes_their_checkpoint(tmp_path, tiny_data):
+    """Each worker holds its own shard of centres; a checkpoint gathers both (a collective at save), and a
+    single process restores the whole head and goes on."""
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    run_dir = tmp_path / "run"
+    common = [*TINY, *data_flags(tiny_data), "--eval_data=", f"--model_dir={run_dir}", "--head_sharding=sharded",
+              "--checkpoint_every=2"]
+    processes = []
+    for index in range(2):
+        folder = tmp_path / f"worker{index}"
+        (folder / "tmp").mkdir(parents=True)
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "mvcom_tf.train", *common, "--strategy=multi_worker", "--max_steps=4"],
+            cwd=str(folder), env=_env(TF_CONFIG=tf_config, TMPDIR=str(folder / "tmp")),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+        assert "identity head, sharded over 2 replica(s): 30 centres per replica" in err
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / "pretrain" / "ckpt-4"))
+    kernel, momentum = reader.get_tensor("head/.ATTRIBUTES/kernel"), reader.get_tensor("head/.ATTRIBUTES/momentum")
+    assert kernel.shape == momentum.shape == (16, 60)
+    # Both workers' halves moved (a worker that saved only its own shard would leave the other's initial
+    # N(0, 0.01) values with zero momentum).
+    assert np.abs(momentum[:, :30]).max() > 0 and np.abs(momentum[:, 30:]).max() > 0
+    resumed = subprocess.run([sys.executable, "-m", "mvcom_tf.train", *common, "--max_steps=6"], cwd=REPO,
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/pretrain/ckpt-4 at step 4" in resumed.stderr

@@ -11,7 +11,7 @@ from mvcom_tf.models.iresnet import build_iresnet
 from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, ShardLayout, default_devices
 from mvcom_tf.steps import MarginStep, ShardedMarginStep
 from mvcom_tf.training.distribute import make_strategy
-from tests.helpers import TINY, data_flags, run_module
+from tests.helpers import TINY, build as build_meta, data_flags, make_batches, run_module
 
 CLASSES, BATCH, SIZE, EMBEDDING, SCALE, MOMENTUM, DECAY = 11, 8, 16, 8, 8.0, 0.9, 5e-4
 
@@ -85,6 +85,43 @@ def test_sharded_head_takes_the_replicated_heads_steps(float64):
     run_steps(strategy, sharded, data)
     after_replicated, after_sharded = state(replicated), state(sharded)
     assert max(np.max(np.abs(a - b)) for a, b in zip(after_replicated, initial)) > 1e-3  # the steps moved it
+    for a, b in zip(after_replicated, after_sharded):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
+
+
+def test_sharded_head_takes_the_replicated_heads_meta_steps(float64):
+    """The MvCoM step differentiates the identity loss through the pseudo-update (second order): through the
+    sharded head's all-gathers and all-reduces it must give the replicated head's residuals and weights."""
+    strategy = make_strategy("mirrored")
+    replicated, sharded = build_meta(strategy, sync_bn=True), build_meta(strategy, sync_bn=True, sharded=True)
+    assert isinstance(sharded.margin_step, ShardedMarginStep)
+
+    def meta_state(meta_step):
+        return state(meta_step.margin_step) + [w.numpy() for w in meta_step.heads.weights]
+
+    def slice_of(data, context):
+        n = len(data["image"]) // context.num_replicas_in_sync
+        i = context.replica_id_in_sync_group
+        return {key: value[i * n:(i + 1) * n] for key, value in data.items()}
+
+    initial = meta_state(replicated)
+    residuals = {}
+    for name, meta_step in (("replicated", replicated), ("sharded", sharded)):
+        @tf.function
+        def run(batch, meta):
+            return strategy.run(meta_step, args=(batch, meta)).samples.residual
+
+        for seed in range(2):
+            batch, meta = make_batches(seed)
+            out = run(strategy.experimental_distribute_values_from_function(lambda c: slice_of(batch, c)),
+                      strategy.experimental_distribute_values_from_function(lambda c: slice_of(meta, c)))
+        residuals[name] = {f: np.concatenate([t.numpy() for t in strategy.experimental_local_results(v)])
+                           for f, v in out.items()}
+    assert max(np.max(np.abs(r)) for r in residuals["replicated"].values()) > 1e-4  # the residuals are learned
+    for factor, values in residuals["replicated"].items():
+        np.testing.assert_allclose(residuals["sharded"][factor], values, rtol=0, atol=1e-10, err_msg=factor)
+    after_replicated, after_sharded = meta_state(replicated), meta_state(sharded)
+    assert max(np.max(np.abs(a - b)) for a, b in zip(after_replicated, initial)) > 1e-3
     for a, b in zip(after_replicated, after_sharded):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
 
@@ -165,5 +202,13 @@ def test_the_command_shards_resumes_on_one_replica_and_hands_its_centres_to_a_re
                        "--max_steps=1", "--meta_scope=head"])
     assert meta.returncode == 0, meta.stderr[-3000:]
     assert "initialised backbone and identity head" in meta.stderr
-    refused = run_module(["-m", "mvcom_tf.train", *common, "--stage=pretrain,meta"])
-    assert refused.returncode != 0 and "--head_sharding=sharded trains the pretrain stage only" in refused.stderr
+    # The meta stage with a sharded head, from the sharded pre-training's checkpoint, on 2 replicas.
+    sharded_meta = run_module(["-m", "mvcom_tf.train", *common, "--stage=meta", "--cpu_replicas=2",
+                               "--strategy=mirrored", f"--init_checkpoint={run_dir}/checkpoints/pretrain",
+                               f"--model_dir={tmp_path}/sharded_meta", "--max_steps=3", "--variation_warmup_steps=1"])
+    assert sharded_meta.returncode == 0, sharded_meta.stderr[-3000:]
+    kernel = tf.train.load_checkpoint(str(tmp_path / "sharded_meta" / "checkpoints" / "meta")).get_tensor(
+        "head/.ATTRIBUTES/kernel")
+    assert kernel.shape == (16, 60)
+    refused = run_module(["-m", "mvcom_tf.train", *common, "--stage=meta", "--head_warmup_steps=2"])
+    assert refused.returncode != 0 and "--head_warmup_steps needs --head_sharding=replicated" in refused.stderr

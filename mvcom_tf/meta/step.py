@@ -11,7 +11,10 @@ One iteration, per replica, for a training batch T and a meta batch V:
       obtained by replaying the backward pass recorded in (b) with the new output gradient.
   (e) the variation heads learn on V at the current Omega, features stop-gradient.
 Under MirroredStrategy the pseudo update uses the all-reduced gradient, exactly as one device
-with the whole batch would, and the meta-gradient flows back through that all-reduce.
+with the whole batch would, and the meta-gradient flows back through that all-reduce. With a
+sharded identity head (ShardedMarginStep) the identity loss runs through all-gathers and
+all-reduces too; their gradients are collectives with gradients of their own, so the second-
+order pass of (c) goes through them unchanged.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import keras
 import tensorflow as tf
 
 from mvcom_tf.data import schema
-from mvcom_tf.losses.margins import identity_loss, variation_losses
+from mvcom_tf.losses.margins import variation_losses
 from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.meta.statistics import MetaSamples, MetaSums, VariationSums, residual_sums, tail_sums
 from mvcom_tf.models.heads import VariationHeads
 from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX
 from mvcom_tf.steps import MarginStep
-from mvcom_tf.training.metrics import StepOutput, StepSums, identity_sums
+from mvcom_tf.training.metrics import StepOutput, StepSums, sums_of_samples
 
 META_SCOPES = ("all", "head")
 # Faces of each replica's batch drawn with their residuals (the seed's Fig. 6) in TensorBoard.
@@ -154,8 +157,8 @@ class MetaStep:
             with tf.GradientTape(persistent=True) as inner:
                 inner.watch(weights)
                 embeddings, statistics = step.forward(images, weights)
-                logits = step.head(embeddings, labels, margins)
-                loss = tf.reduce_sum(identity_loss(logits, labels)) / step.global_batch
+                per_sample, _ = step.identity_losses(embeddings, labels, margins)
+                loss = tf.reduce_sum(per_sample) / step.global_batch
             gradients = inner.gradient(loss, [w for w, chosen in zip(weights, self.pseudo_mask) if chosen])
             if context is not None and context.num_replicas_in_sync > 1:
                 gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
@@ -192,16 +195,16 @@ class MetaStep:
         step = self.margin_step
         labels = batch["identity"]
         features = tf.stop_gradient(recorded.embeddings)
+        head_variables = step.head_variables
         with tf.GradientTape() as tape:
             tape.watch(features)
-            logits = step.head(features, labels, margins)
-            per_sample = identity_loss(logits, labels)
+            per_sample, correct = step.identity_losses(features, labels, margins)
             loss = tf.reduce_sum(per_sample) / step.global_batch
-        feature_gradient, *head_gradients = tape.gradient(loss, [features, *step.head.trainable_variables])
+        feature_gradient, *head_gradients = tape.gradient(loss, [features, *head_variables])
         backbone_gradients = recorded.tape.gradient(recorded.embeddings, recorded.weights,
                                                     output_gradients=feature_gradient)
         applied = step.update(backbone_gradients + head_gradients, recorded.statistics, per_sample)
-        return per_sample, logits, applied
+        return per_sample, correct, applied
 
     def heads_update(self, meta_batch, trunk_features=None) -> VariationSums:
         """Step (e): the variation heads on V at the current weights (features stop-gradient)."""
@@ -240,9 +243,8 @@ class MetaStep:
             residuals = tf.zeros([tf.shape(prior)[0], len(schema.FACTORS)], prior.dtype)
             recorded = self.recorded_forward(batch)
         margins = prior + tf.reduce_sum(residuals, axis=1)
-        per_sample, logits, applied = self.real_update(batch, margins, recorded)
-        identity = identity_sums(per_sample, logits, batch["identity"], margins,
-                                 applied if self.margin_step.skip_nonfinite else None)
+        per_sample, correct, applied = self.real_update(batch, margins, recorded)
+        identity = sums_of_samples(per_sample, correct, margins, applied if self.margin_step.skip_nonfinite else None)
         stage = MetaSums(self.heads_update(meta_batch, trunk_features), residual_sums(residuals, batch),
                          tail_sums(residuals, batch, self.head_classes) if self.head_classes else ())
         samples = MetaSamples(margin=margins, faces=batch["image"][:FIGURE_FACES],
@@ -262,12 +264,11 @@ class MetaStep:
         features = tf.stop_gradient(step.backbone(batch["image"], training=False))
         labels, margins = batch["identity"], step.margins(batch)
         with tf.GradientTape() as tape:
-            logits = step.head(features, labels, margins)
-            per_sample = identity_loss(logits, labels)
+            per_sample, correct = step.identity_losses(features, labels, margins)
             loss = tf.reduce_sum(per_sample) / step.global_batch
         gradients = tape.gradient(loss, step.head.trainable_variables)
         self.head_optimizer.apply_gradients(zip(gradients, step.head.trainable_variables))
-        return StepOutput(StepSums(_images(batch), identity_sums(per_sample, logits, labels, margins)))
+        return StepOutput(StepSums(_images(batch), sums_of_samples(per_sample, correct, margins)))
 
 
 def _images(batch: dict[str, tf.Tensor]) -> tf.Tensor:

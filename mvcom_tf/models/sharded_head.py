@@ -48,45 +48,78 @@ class ShardedCentres(trackable.Trackable):
 
     Checkpoints hold the whole W and momentum ([E, C], gathered when saving), so a run saved
     with N replicas restores with any other number: the tensors are split anew on restore.
+    Under MultiWorkerMirroredStrategy a process holds the shards of its own replicas only
+    (`first_shard` on); saving then gathers the others' with the strategy (a collective that
+    every worker runs at the same save, as they all save), and restoring keeps this process's part.
     """
 
     def __init__(self, num_classes: int, embedding_size: int, devices: list[str], seed: int = 0,
-                 dtype: str = "float32") -> None:
-        self.layout = ShardLayout(num_classes, len(devices))
+                 dtype: str = "float32", *, shards: int | None = None, first_shard: int = 0,
+                 strategy: tf.distribute.Strategy | None = None) -> None:
+        self.layout = ShardLayout(num_classes, shards or len(devices))
         self.embedding_size, self.devices = embedding_size, list(devices)
+        self.first_shard, self.strategy = first_shard, strategy
         self.kernels, self.momentums = [], []
-        for shard, device in enumerate(self.devices):
+        for local, device in enumerate(self.devices):  # this process's replica i holds shard first_shard + i
+            shard = first_shard + local
             with tf.device(device):
                 # Each shard drawn on its own (the whole W never exists on one device), N(0, 0.01).
                 initial = tf.random.stateless_normal([embedding_size, self.layout.size(shard)], seed=[seed, shard],
                                                      stddev=0.01, dtype=dtype)
-                self.kernels.append(tf.Variable(initial, trainable=False, name=f"centres_{shard}"))
+                # A plain trainable tf.Variable: tapes watch it, and no Keras optimizer holds it (its SGD is sgd_update).
+                self.kernels.append(tf.Variable(initial, name=f"centres_{shard}"))
                 self.momentums.append(tf.Variable(tf.zeros_like(initial), trainable=False, name=f"momentum_{shard}"))
 
+    @classmethod
+    def for_strategy(cls, strategy: tf.distribute.Strategy, num_classes: int, embedding_size: int, seed: int = 0,
+                     dtype: str = "float32") -> "ShardedCentres":
+        """One shard per replica of the strategy, this process creating those of its own replicas."""
+        ids = strategy.experimental_distribute_values_from_function(lambda c: c.replica_id_in_sync_group)
+        first = min(int(v) for v in strategy.experimental_local_results(ids))  # 0 unless another worker's precede
+        return cls(num_classes, embedding_size, default_devices(strategy), seed, dtype,
+                   shards=strategy.num_replicas_in_sync, first_shard=first, strategy=strategy)
+
+    @property
+    def holds_every_shard(self) -> bool:
+        return len(self.kernels) == self.layout.shards
+
+    def local_kernel(self) -> tf.Variable:
+        """The shard of the replica that calls (in replica context)."""
+        return self.kernels[replica_index() - self.first_shard]
+
+    def local_momentum(self) -> tf.Variable:
+        """The momentum of the calling replica's shard."""
+        return self.momentums[replica_index() - self.first_shard]
+
     def assign_full(self, kernel: tf.Tensor) -> None:
-        """Sets W [E, C] (for example a replicated head's kernel), split over the shards."""
-        for variable, part in zip(self.kernels, tf.split(kernel, self.layout.sizes(), axis=1)):
-            variable.assign(part)
+        """Sets W [E, C] (for example a replicated head's kernel): this process's shards take their part."""
+        self._assign_parts(self.kernels, kernel)
 
     def full(self) -> tf.Tensor:
-        """W [E, C] gathered from every shard."""
-        return tf.concat([tf.convert_to_tensor(v) for v in self.kernels], axis=1)
+        """W [E, C] gathered from every shard (from every worker under MultiWorkerMirroredStrategy)."""
+        return self._gathered(self.kernels)
+
+    def _gathered(self, variables: list[tf.Variable]) -> tf.Tensor:
+        if self.holds_every_shard:
+            return tf.concat([tf.convert_to_tensor(v) for v in variables], axis=1)
+        parts = self.strategy.experimental_distribute_values_from_function(
+            lambda context: tf.convert_to_tensor(variables[context.replica_id_in_sync_group - self.first_shard]))
+        return self.strategy.gather(parts, axis=1)  # the shards differ in width by one at most: gather allows it
+
+    def _assign_parts(self, variables: list[tf.Variable], value: tf.Tensor) -> list:
+        parts = tf.split(value, self.layout.sizes(), axis=1)
+        return [variable.assign(parts[self.first_shard + local]) for local, variable in enumerate(variables)]
 
     def _serialize_to_tensors(self):
         with tf.device("/cpu:0"):
-            return {"kernel": self.full(),
-                    "momentum": tf.concat([tf.convert_to_tensor(v) for v in self.momentums], axis=1)}
+            return {"kernel": self._gathered(self.kernels), "momentum": self._gathered(self.momentums)}
 
     def _restore_from_tensors(self, restored_tensors):
         kernel, momentum = restored_tensors["kernel"], restored_tensors["momentum"]
         if kernel.shape[1] != self.layout.num_classes:
             raise ValueError(f"the checkpoint's identity head has {kernel.shape[1]} classes, this run "
                              f"{self.layout.num_classes}")
-        ops = []
-        for variables, value in ((self.kernels, kernel), (self.momentums, momentum)):
-            for variable, part in zip(variables, tf.split(value, self.layout.sizes(), axis=1)):
-                ops.append(variable.assign(part))
-        return tf.group(ops)
+        return tf.group(self._assign_parts(self.kernels, kernel) + self._assign_parts(self.momentums, momentum))
 
 
 class ShardedMarginHead:
@@ -122,16 +155,18 @@ class ShardedMarginHead:
         """This replica's samples' losses [b], whether each sample's class scored highest [b], and the
         sampled classes (global indices) of this replica, from its local embeddings [b, E]."""
         context = tf.distribute.get_replica_context()
-        shard = int(tf.get_static_value(context.replica_id_in_sync_group))
+        shard = replica_index()
         layout = self.centres.layout
         all_embeddings = context.all_gather(embeddings, axis=0)
-        all_labels = context.all_gather(labels, axis=0)
+        # tf.identity places the labels on this replica's device: a traced input may carry none, and
+        # MultiWorkerMirroredStrategy's gather needs one as its destination.
+        all_labels = context.all_gather(tf.identity(labels), axis=0)
         all_margins = context.all_gather(tf.cast(margins, all_embeddings.dtype), axis=0)
         start, size = layout.start(shard), layout.size(shard)
         local = all_labels - start
         local = tf.where((local >= 0) & (local < size), local, -1)
         classes = self.sampled_classes(shard, local, step)
-        kernel = self.centres.kernels[shard]
+        kernel = self.centres.local_kernel()
         if self.sample_count(shard) < size:  # at r = 1 the shard itself: no copy of it, nor of its gradient
             kernel = tf.gather(kernel, classes, axis=1)
         target = tf.where(local >= 0, tf.searchsorted(classes, tf.maximum(local, 0)), -1)
@@ -160,6 +195,11 @@ class ShardedMarginHead:
         return logits, target_logit * self.scale * owned
 
 
+def replica_index() -> int:
+    """The calling replica's index in its sync group (a Python int: each replica traces its own step)."""
+    return int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
+
+
 def _maximum_over_replicas(context: tf.distribute.ReplicaContext, values: tf.Tensor) -> tf.Tensor:
     """The element-wise maximum over replicas (no gradient: ReduceOp has no MAX, so through an all-gather)."""
     gathered = context.all_gather(tf.stop_gradient(values)[None], axis=0)
@@ -184,7 +224,6 @@ def default_devices(strategy: tf.distribute.Strategy) -> list[str]:
         return list(strategy.extended.worker_devices)
     except RuntimeError:  # the default strategy: one replica, placed where TensorFlow places it
         return [""]
-
 
 
 def head_footprint(num_classes: int, embedding_size: int, replicas: int, global_batch: int, sharded: bool,

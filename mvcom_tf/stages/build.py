@@ -19,12 +19,12 @@ from mvcom_tf.losses.margins import class_aware_margins, head_classes, tail_clas
 from mvcom_tf.meta.step import MetaStep
 from mvcom_tf.models.heads import MarginHead, VariationHeads
 from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
-from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, default_devices, head_footprint
+from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, head_footprint
 from mvcom_tf.stages.base import Stage, constant_margins, learning_rate_schedule
 from mvcom_tf.stages.meta import MetaStage
 from mvcom_tf.stages.pretrain import PretrainStage
 from mvcom_tf.steps import MarginStep, ShardedMarginStep
-from mvcom_tf.training.distribute import InputSpec, read_input
+from mvcom_tf.training.distribute import read_input
 
 
 def schedule(config: TrainConfig, name: str) -> Schedule:
@@ -40,46 +40,43 @@ def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy
     stage_schedule = schedule(config, name)
     info = train.info
     log_head_footprint(config, info.num_identities, strategy.num_replicas_in_sync)
-    if config.head_sharding == "sharded":  # the pretrain stage only (a flag validator says so)
-        return build_sharded_pretrain(config, name, train, stage_schedule, strategy)
+    pretrain = name == "pretrain"
+    margins = constant_margins(config.margin, info.num_identities) if pretrain else prior_margins(config, info)
+    offsets = {} if pretrain else oracle_offsets(config, info.histograms)
+    if config.head_sharding == "sharded":
+        with strategy.scope():
+            backbone = build_backbone(config)
+            optimizer = build_optimizer(config, train.steps_per_epoch, stage_schedule, backbone.trainable_variables)
+        margin_step = build_sharded_step(config, backbone, optimizer, margins, offsets, info.num_identities, strategy)
+        head = margin_step.head.centres
+    else:
+        with strategy.scope():
+            backbone, head, optimizer = build_model(config, info.num_identities, train.steps_per_epoch,
+                                                    stage_schedule)
+        margin_step = MarginStep(backbone, head, optimizer, margins, config.batch_size,
+                                 skip_nonfinite=config.nan_policy == "skip", factor_offsets=offsets)
+    common = dict(name=name, schedule=stage_schedule, backbone=backbone, head=head, optimizer=optimizer, train=train)
+    if pretrain:
+        return PretrainStage(**common, margin_step=margin_step)
     with strategy.scope():
-        backbone, head, optimizer = build_model(config, info.num_identities, train.steps_per_epoch,
-                                                stage_schedule)
-        common = dict(name=name, schedule=stage_schedule, backbone=backbone, head=head, optimizer=optimizer,
-                      train=train)
-        if name == "pretrain":
-            margins = constant_margins(config.margin, info.num_identities)
-            margin_step = MarginStep(backbone, head, optimizer, margins, config.batch_size,
-                                     skip_nonfinite=config.nan_policy == "skip")
-            return PretrainStage(**common, margin_step=margin_step)
-        meta_step, trackables = build_meta_step(config, backbone, head, optimizer, prior_margins(config, info),
-                                                info.histograms, strategy.num_replicas_in_sync)
-        pool = config.global_meta_batch * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
-        meta = read_input("meta_data", config.meta_data, config.global_meta_batch, config.seed + 1)
-        return MetaStage(**common, meta_step=meta_step, meta_pool=dataclasses.replace(meta, global_batch=pool),
-                         trackables=trackables, head_warmup_steps=config.head_warmup_steps,
-                         variation_warmup_steps=config.variation_warmup_steps)
+        meta_step, trackables = build_meta_step(config, margin_step, info.histograms, strategy.num_replicas_in_sync)
+    pool = config.global_meta_batch * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
+    meta = read_input("meta_data", config.meta_data, config.global_meta_batch, config.seed + 1)
+    return MetaStage(**common, meta_step=meta_step, meta_pool=dataclasses.replace(meta, global_batch=pool),
+                     trackables=trackables, head_warmup_steps=config.head_warmup_steps,
+                     variation_warmup_steps=config.variation_warmup_steps)
 
 
-def build_sharded_pretrain(config: TrainConfig, name: str, train: InputSpec, stage_schedule: Schedule,
-                           strategy: tf.distribute.Strategy) -> Stage:
-    """Pre-training with the identity centres split over the replicas (and Partial FC sampling)."""
-    info = train.info
-    with strategy.scope():
-        backbone = build_iresnet(config.backbone, config.image_size, config.embedding_size,
-                                 config.width_multiplier, config.dropout, config.sync_bn)
-        optimizer = keras.optimizers.SGD(learning_rate_schedule(stage_schedule, train.steps_per_epoch),
-                                         momentum=config.momentum, weight_decay=config.weight_decay or None)
-        optimizer.build(backbone.trainable_variables)
+def build_sharded_step(config: TrainConfig, backbone: keras.Model, optimizer: keras.optimizers.Optimizer,
+                       margins: tf.Tensor, offsets: dict[str, tf.Tensor], num_identities: int,
+                       strategy: tf.distribute.Strategy) -> ShardedMarginStep:
+    """The margin step with the identity centres split over the replicas (and Partial FC sampling)."""
     # Outside the scope: one plain variable per replica on its device, not a mirrored copy of all classes.
-    centres = ShardedCentres(info.num_identities, config.embedding_size, default_devices(strategy), config.seed)
+    centres = ShardedCentres.for_strategy(strategy, num_identities, config.embedding_size, config.seed)
     head = ShardedMarginHead(centres, config.loss, config.scale, config.partial_fc_rate, config.batch_size,
                              config.seed)
-    margins = constant_margins(config.margin, info.num_identities)
-    margin_step = ShardedMarginStep(backbone, head, optimizer, margins, config.batch_size, config.momentum,
-                                    config.weight_decay)
-    return PretrainStage(name=name, schedule=stage_schedule, backbone=backbone, head=centres, optimizer=optimizer,
-                         train=train, margin_step=margin_step)
+    return ShardedMarginStep(backbone, head, optimizer, margins, config.batch_size, config.momentum,
+                             config.weight_decay, factor_offsets=offsets)
 
 
 def log_head_footprint(config: TrainConfig, num_classes: int, replicas: int) -> None:
@@ -93,17 +90,30 @@ def log_head_footprint(config: TrainConfig, num_classes: int, replicas: int) -> 
                  figures["sent_bytes"] / 1e6)
 
 
-def build_model(config: TrainConfig, num_identities: int, steps_per_epoch: int, stage_schedule: Schedule):
-    """Backbone, identity head and SGD (momentum, decoupled weight decay, the stage's lr steps), built."""
-    backbone = build_iresnet(config.backbone, config.image_size, config.embedding_size,
-                             config.width_multiplier, config.dropout, config.sync_bn)
-    head = MarginHead(num_identities, config.loss, config.scale, name="identity_head", dtype=float32_if_mixed())
-    head.build((None, config.embedding_size))
+def build_backbone(config: TrainConfig) -> keras.Model:
+    """The IResNet of --backbone, --image_size, --embedding_size, --width_multiplier, --dropout, --sync_bn."""
+    return build_iresnet(config.backbone, config.image_size, config.embedding_size, config.width_multiplier,
+                         config.dropout, config.sync_bn)
+
+
+def build_optimizer(config: TrainConfig, steps_per_epoch: int, stage_schedule: Schedule,
+                    variables: list) -> keras.optimizers.Optimizer:
+    """SGD (momentum, decoupled weight decay, the stage's lr steps), built for `variables`."""
     optimizer = keras.optimizers.SGD(learning_rate_schedule(stage_schedule, steps_per_epoch),
                                      momentum=config.momentum, weight_decay=config.weight_decay or None)
     if config.mixed_precision == "float16":  # pretrain stage only (a flag validator says so)
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients underflow unscaled
-    optimizer.build(backbone.trainable_variables + head.trainable_variables)
+    optimizer.build(variables)
+    return optimizer
+
+
+def build_model(config: TrainConfig, num_identities: int, steps_per_epoch: int, stage_schedule: Schedule):
+    """Backbone, identity head and their optimizer, built."""
+    backbone = build_backbone(config)
+    head = MarginHead(num_identities, config.loss, config.scale, name="identity_head", dtype=float32_if_mixed())
+    head.build((None, config.embedding_size))
+    optimizer = build_optimizer(config, steps_per_epoch, stage_schedule,
+                                backbone.trainable_variables + head.trainable_variables)
     return backbone, head, optimizer
 
 
@@ -116,30 +126,29 @@ def prior_margins(config: TrainConfig, info: DatasetInfo) -> tf.Tensor:
     return tf.constant(margins, keras.config.floatx())
 
 
-def build_meta_step(config: TrainConfig, backbone: keras.Model, head: MarginHead,
-                    optimizer: keras.optimizers.Optimizer, margins: tf.Tensor, histograms: dict[str, list[int]],
-                    replicas: int) -> tuple[MetaStep, dict]:
-    """The MvCoM step around a backbone, head and optimizer: variation heads and their optimizer (and the
-    identity head's warm-up optimizer), built; returns it with those new checkpoint entries (call in scope).
+def oracle_offsets(config: TrainConfig, histograms: dict[str, list[int]]) -> dict[str, tf.Tensor]:
+    """The bias study's oracle: --oracle_margin_deltas added for the tail classes of each factor ({}: none)."""
+    deltas = dict(zip(schema.FACTORS, config.oracle_margin_deltas))
+    return {factor: tf.constant(values, keras.config.floatx())
+            for factor, values in tail_class_offsets(histograms, deltas).items()}
 
-    `histograms` are the training split's variation label counts (dataset.json): the oracle's offsets
-    and the head classes of the tail statistics come from them ({}: neither).
-    """
+
+def build_meta_step(config: TrainConfig, margin_step: MarginStep, histograms: dict[str, list[int]],
+                    replicas: int) -> tuple[MetaStep, dict]:
+    """The MvCoM step around a margin step (replicated or sharded head): variation heads and their optimizer
+    (and the identity head's warm-up optimizer), built; returns it with those new checkpoint entries (call in
+    scope). `histograms` are the training split's variation label counts (dataset.json): the head classes
+    of the tail statistics come from them ({}: none)."""
     heads = VariationHeads(name="variation_heads", dtype=float32_if_mixed())
     heads.build((None, config.embedding_size))
     heads_optimizer = keras.optimizers.SGD(config.variation_lr, momentum=config.momentum)
     heads_optimizer.build(heads.trainable_variables)
     trackables = {"variation_heads": heads, "variation_optimizer": heads_optimizer}
     head_optimizer = None
-    if config.head_warmup_steps:
+    if config.head_warmup_steps:  # replicated head only (a flag validator says so)
         head_optimizer = keras.optimizers.SGD(config.head_warmup_lr, momentum=config.momentum)
-        head_optimizer.build(head.trainable_variables)
+        head_optimizer.build(margin_step.head.trainable_variables)
         trackables["identity_head_warmup_optimizer"] = head_optimizer
-    deltas = dict(zip(schema.FACTORS, config.oracle_margin_deltas))
-    offsets = {factor: tf.constant(values, keras.config.floatx())
-               for factor, values in tail_class_offsets(histograms, deltas).items()}
-    margin_step = MarginStep(backbone, head, optimizer, margins, config.batch_size,
-                             skip_nonfinite=config.nan_policy == "skip", factor_offsets=offsets)
     meta_step = MetaStep(
         margin_step, heads, heads_optimizer, tau=config.meta_lr_tau, inner_lr=config.meta_inner_lr,
         residual_max=config.residual_max, scope=config.meta_scope, factor_weights=config.factor_weights,
