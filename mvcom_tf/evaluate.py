@@ -16,23 +16,33 @@ import os
 import posixpath
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 from absl import app, flags
 
 from mvcom_tf.evaluation.benchmark_spec import KINDS, parse_benchmark
 
-flags.DEFINE_string("model", None, "SavedModel folder, a run folder (its export/ is used), an ONNX model (.onnx, "
-                    "run with ONNX Runtime) or an arcface_torch checkpoint (.pt/.pth, imported on the fly).",
-                    required=True)
-flags.DEFINE_float("input_mean", 127.5, "ONNX models with a float input: (x - mean) / std (insightface's default).")
-flags.DEFINE_float("input_std", 127.5, "ONNX models with a float input: (x - mean) / std (insightface's default).")
-flags.DEFINE_bool("input_bgr", False, "ONNX models with a float input: feed BGR instead of RGB.")
-flags.DEFINE_multi_string("benchmark", [], f"<kind>:<path>, repeatable; kinds: {', '.join(KINDS)}.")
-flags.DEFINE_string("output_dir", "", "Where results.json and the ROC curves go; default <model>/eval.")
-flags.DEFINE_integer("batch_size", 256, "Images per batch.", lower_bound=1)
-flags.DEFINE_integer("image_size", 0, "Input size; 0: the SavedModel's own (its signature's height).", lower_bound=0)
 FLAGS = flags.FLAGS
+
+
+def define_flags(values: flags.FlagValues = FLAGS) -> None:
+    """The command's flags and their validator (defined by run_main, not at import)."""
+    flags.DEFINE_string("model", None, "SavedModel folder, a run folder (its export/ is used), an ONNX model (.onnx, "
+                        "run with ONNX Runtime) or an arcface_torch checkpoint (.pt/.pth, imported on the fly).",
+                        required=True, flag_values=values)
+    flags.DEFINE_float("input_mean", 127.5, "ONNX models with a float input: (x - mean) / std (insightface's "
+                       "default).", flag_values=values)
+    flags.DEFINE_float("input_std", 127.5, "ONNX models with a float input: (x - mean) / std (insightface's "
+                       "default).", flag_values=values)
+    flags.DEFINE_bool("input_bgr", False, "ONNX models with a float input: feed BGR instead of RGB.",
+                      flag_values=values)
+    flags.DEFINE_multi_string("benchmark", [], f"<kind>:<path>, repeatable; kinds: {', '.join(KINDS)}.",
+                              flag_values=values)
+    flags.DEFINE_string("output_dir", "", "Where results.json and the ROC curves go; default <model>/eval.",
+                        flag_values=values)
+    flags.DEFINE_integer("batch_size", 256, "Images per batch.", lower_bound=1, flag_values=values)
+    flags.DEFINE_integer("image_size", 0, "Input size; 0: the SavedModel's own (its signature's height).",
+                         lower_bound=0, flag_values=values)
+    flags.register_validator("benchmark", _check_benchmarks, "give at least one --benchmark=<kind>:<path> "
+                             f"with a kind among {', '.join(KINDS)}", flag_values=values)
 
 
 def _check_benchmarks(values: list[str]) -> bool:
@@ -44,11 +54,8 @@ def _check_benchmarks(values: list[str]) -> bool:
     return bool(values)
 
 
-flags.register_validator("benchmark", _check_benchmarks, "give at least one --benchmark=<kind>:<path> "
-                         f"with a kind among {', '.join(KINDS)}")
-
-
 def main(argv: list[str]) -> int:
+    """Scores --model on every --benchmark; writes results.json and the ROC curves."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from mvcom_tf.data.tfrecord import DatasetError
@@ -73,6 +80,8 @@ def main(argv: list[str]) -> int:
 
 def run_main() -> None:
     """The console script (and `python -m`)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (in main)
+    define_flags()
     app.run(main)
 
 

@@ -10,6 +10,8 @@ from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.iresnet import build_iresnet
 from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, ShardLayout, default_devices
 from mvcom_tf.steps import MarginStep, ShardedMarginStep
+from mvcom_tf.config_flags import parse_config
+from mvcom_tf.stages.build import build_stage
 from mvcom_tf.training.distribute import make_strategy
 from tests.helpers import TINY, build as build_meta, data_flags, make_batches, run_module
 
@@ -124,6 +126,21 @@ def test_sharded_head_takes_the_replicated_heads_meta_steps(float64):
     assert max(np.max(np.abs(a - b)) for a, b in zip(after_replicated, initial)) > 1e-3
     for a, b in zip(after_replicated, after_sharded):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
+
+
+def test_a_seed_starts_both_heads_from_the_same_centres(tiny_data):
+    """The stage builder draws the sharded W where the replicated head draws its kernel: same seed, same start."""
+    strategy = make_strategy("mirrored")
+    stages = {}
+    for sharding in ("replicated", "sharded"):
+        config = parse_config([*TINY, *data_flags(tiny_data), f"--head_sharding={sharding}", "--seed=4"])
+        keras.utils.set_random_seed(config.seed)
+        stages[sharding] = build_stage(config, "pretrain", strategy)
+    replicated, sharded = stages["replicated"], stages["sharded"]
+    assert [len(k.numpy()[0]) for k in sharded.head.kernels] == [30, 30]
+    np.testing.assert_array_equal(sharded.head.full().numpy(), replicated.head.kernel.numpy())
+    for a, b in zip(replicated.backbone.weights, sharded.backbone.weights):
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
 
 
 def test_partial_fc_keeps_every_positive_and_its_loss_is_the_sampled_softmax(float64):

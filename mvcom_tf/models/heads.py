@@ -12,6 +12,12 @@ from mvcom_tf.data import schema
 MARGIN_LOSSES = ("cosface", "arcface")
 
 
+def centre_initializer() -> keras.initializers.Initializer:
+    """The identity centres' initial values, N(0, 0.01) (insightface's), drawn from Keras' seeded generator:
+    the sharded head draws its W with it too, so a seed starts both heads from the same centres."""
+    return keras.initializers.RandomNormal(stddev=0.01)
+
+
 class MarginHead(keras.layers.Layer):
     """Identity classifier W [E, C] producing scaled margin logits (insightface's CombinedMarginLoss).
 
@@ -30,7 +36,7 @@ class MarginHead(keras.layers.Layer):
     def build(self, embedding_shape):
         self.kernel = self.add_weight(
             name="kernel", shape=(embedding_shape[-1], self.num_classes),
-            initializer=keras.initializers.RandomNormal(stddev=0.01))
+            initializer=centre_initializer())
 
     def cosine(self, embeddings):
         """cos(theta) [B, C] between embeddings and class centres."""

@@ -55,29 +55,33 @@ class ShardedCentres(trackable.Trackable):
 
     def __init__(self, num_classes: int, embedding_size: int, devices: list[str], seed: int = 0,
                  dtype: str = "float32", *, shards: int | None = None, first_shard: int = 0,
-                 strategy: tf.distribute.Strategy | None = None) -> None:
+                 strategy: tf.distribute.Strategy | None = None, initial: tf.Tensor | None = None) -> None:
         self.layout = ShardLayout(num_classes, shards or len(devices))
         self.embedding_size, self.devices = embedding_size, list(devices)
         self.first_shard, self.strategy = first_shard, strategy
         self.kernels, self.momentums = [], []
+        parts = None if initial is None else tf.split(initial, self.layout.sizes(), axis=1)
         for local, device in enumerate(self.devices):  # this process's replica i holds shard first_shard + i
             shard = first_shard + local
             with tf.device(device):
-                # Each shard drawn on its own (the whole W never exists on one device), N(0, 0.01).
-                initial = tf.random.stateless_normal([embedding_size, self.layout.size(shard)], seed=[seed, shard],
-                                                     stddev=0.01, dtype=dtype)
+                if parts is not None:  # its part of a given W [E, C]
+                    initial_part = tf.cast(parts[shard], dtype)
+                else:  # drawn on its own, N(0, 0.01): the whole W never exists in one place
+                    initial_part = tf.random.stateless_normal([embedding_size, self.layout.size(shard)],
+                                                              seed=[seed, shard], stddev=0.01, dtype=dtype)
                 # A plain trainable tf.Variable: tapes watch it, and no Keras optimizer holds it (its SGD is sgd_update).
-                self.kernels.append(tf.Variable(initial, name=f"centres_{shard}"))
-                self.momentums.append(tf.Variable(tf.zeros_like(initial), trainable=False, name=f"momentum_{shard}"))
+                self.kernels.append(tf.Variable(initial_part, name=f"centres_{shard}"))
+                self.momentums.append(tf.Variable(tf.zeros_like(initial_part), trainable=False,
+                                                  name=f"momentum_{shard}"))
 
     @classmethod
     def for_strategy(cls, strategy: tf.distribute.Strategy, num_classes: int, embedding_size: int, seed: int = 0,
-                     dtype: str = "float32") -> "ShardedCentres":
+                     dtype: str = "float32", initial: tf.Tensor | None = None) -> "ShardedCentres":
         """One shard per replica of the strategy, this process creating those of its own replicas."""
         ids = strategy.experimental_distribute_values_from_function(lambda c: c.replica_id_in_sync_group)
         first = min(int(v) for v in strategy.experimental_local_results(ids))  # 0 unless another worker's precede
         return cls(num_classes, embedding_size, default_devices(strategy), seed, dtype,
-                   shards=strategy.num_replicas_in_sync, first_shard=first, strategy=strategy)
+                   shards=strategy.num_replicas_in_sync, first_shard=first, strategy=strategy, initial=initial)
 
     @property
     def holds_every_shard(self) -> bool:

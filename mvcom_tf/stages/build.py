@@ -17,7 +17,7 @@ from mvcom_tf.data import schema
 from mvcom_tf.data.tfrecord import DatasetInfo
 from mvcom_tf.losses.margins import class_aware_margins, head_classes, tail_class_offsets
 from mvcom_tf.meta.step import MetaStep
-from mvcom_tf.models.heads import MarginHead, VariationHeads
+from mvcom_tf.models.heads import MarginHead, VariationHeads, centre_initializer
 from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
 from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, head_footprint
 from mvcom_tf.stages.base import Stage, constant_margins, learning_rate_schedule
@@ -71,8 +71,14 @@ def build_sharded_step(config: TrainConfig, backbone: keras.Model, optimizer: ke
                        margins: tf.Tensor, offsets: dict[str, tf.Tensor], num_identities: int,
                        strategy: tf.distribute.Strategy) -> ShardedMarginStep:
     """The margin step with the identity centres split over the replicas (and Partial FC sampling)."""
+    # The replicated head's initial W, drawn at the same point of Keras' seeded sequence (after the
+    # backbone): a seed starts both heads, and any replica count, from the same centres. It exists
+    # once on the host, as it does at every save.
+    with tf.device("/cpu:0"):
+        initial = centre_initializer()((config.embedding_size, num_identities), dtype=keras.config.floatx())
     # Outside the scope: one plain variable per replica on its device, not a mirrored copy of all classes.
-    centres = ShardedCentres.for_strategy(strategy, num_identities, config.embedding_size, config.seed)
+    centres = ShardedCentres.for_strategy(strategy, num_identities, config.embedding_size, config.seed,
+                                          initial=initial)
     head = ShardedMarginHead(centres, config.loss, config.scale, config.partial_fc_rate, config.batch_size,
                              config.seed)
     return ShardedMarginStep(backbone, head, optimizer, margins, config.batch_size, config.momentum,
