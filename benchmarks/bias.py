@@ -52,14 +52,18 @@ RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 MEASURES = ("worst_accuracy", "skewed_error_ratio", "group_std")
 SHORT = {"worst_accuracy": "worst", "skewed_error_ratio": "ser", "group_std": "std"}
 
-flags.DEFINE_string("out_dir", "runs/bias", "Folder of the data, the run folders and the report.")
-flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds (initialisation, data order, augmentation).")
-flags.DEFINE_integer("select_seeds", 1, "How many of the first seeds choose the settings on val (each costs "
-                     "about 30 minutes here).", lower_bound=1)
-flags.DEFINE_integer("jobs", 3, "Trainings run at once (3 keeps 2 cores busy through start-up and evaluation).",
-                     lower_bound=1)
-flags.DEFINE_bool("quick", False, "A tiny study (small data and network, one value per setting) for tests.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_string("out_dir", "runs/bias", "Folder of the data, the run folders and the report.")
+    flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds (initialisation, data order, augmentation).")
+    flags.DEFINE_integer("select_seeds", 1, "How many of the first seeds choose the settings on val (each costs "
+                         "about 30 minutes here).", lower_bound=1)
+    flags.DEFINE_integer("jobs", 3, "Trainings run at once (3 keeps 2 cores busy through start-up and evaluation).",
+                         lower_bound=1)
+    flags.DEFINE_bool("quick", False, "A tiny study (small data and network, one value per setting) for tests.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,4 +441,5 @@ def _write_json(path: str, data) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -20,11 +20,15 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_integer("rec_images", 60_000, "Images in the RecordIO package.", lower_bound=100)
-flags.DEFINE_integer("align_images", 600, "Images in the folder to align.", lower_bound=10)
-flags.DEFINE_integer("workers", 2, "Worker processes of the parallel runs.", lower_bound=1)
-flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, removed at the end).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_integer("rec_images", 60_000, "Images in the RecordIO package.", lower_bound=100)
+    flags.DEFINE_integer("align_images", 600, "Images in the folder to align.", lower_bound=10)
+    flags.DEFINE_integer("workers", 2, "Worker processes of the parallel runs.", lower_bound=1)
+    flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, removed at the end).")
 
 
 def _faces(count: int, size: int) -> list:
@@ -97,4 +101,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

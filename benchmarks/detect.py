@@ -22,10 +22,14 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_integer("images", 400, "Photographs per size.", lower_bound=10)
-flags.DEFINE_integer("workers", 2, "Worker processes of the parallel runs.", lower_bound=1)
-flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, removed at the end).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_integer("images", 400, "Photographs per size.", lower_bound=10)
+    flags.DEFINE_integer("workers", 2, "Worker processes of the parallel runs.", lower_bound=1)
+    flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, removed at the end).")
 SIZES = ((250, 250), (1280, 720))
 
 
@@ -83,4 +87,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -22,11 +22,15 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_list("classes", ["100000", "1000000"], "Identity counts C.")
-flags.DEFINE_integer("batch", 256, "Global batch.")
-flags.DEFINE_integer("embedding", 512, "Embedding size E.")
-flags.DEFINE_integer("repeats", 3, "Timed steps per variant (after one warm-up step).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_list("classes", ["100000", "1000000"], "Identity counts C.")
+    flags.DEFINE_integer("batch", 256, "Global batch.")
+    flags.DEFINE_integer("embedding", 512, "Embedding size E.")
+    flags.DEFINE_integer("repeats", 3, "Timed steps per variant (after one warm-up step).")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = (("replicated", 1.0), ("sharded", 1.0), ("sharded", 0.1))
 
@@ -164,4 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -18,12 +18,16 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_integer("images", 4000, "Images in the split (repeated as needed).", lower_bound=100)
-flags.DEFINE_integer("batch", 128, "Batch size.", lower_bound=1)
-flags.DEFINE_integer("batches", 60, "Timed batches (after 5 warm-up batches).", lower_bound=1)
-flags.DEFINE_float("blur_prob", 0.5, "--synth_blur_prob of the synthesis run.")
-flags.DEFINE_float("occlusion_prob", 0.5, "--synth_occlusion_prob of the synthesis run.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_integer("images", 4000, "Images in the split (repeated as needed).", lower_bound=100)
+    flags.DEFINE_integer("batch", 128, "Batch size.", lower_bound=1)
+    flags.DEFINE_integer("batches", 60, "Timed batches (after 5 warm-up batches).", lower_bound=1)
+    flags.DEFINE_float("blur_prob", 0.5, "--synth_blur_prob of the synthesis run.")
+    flags.DEFINE_float("occlusion_prob", 0.5, "--synth_occlusion_prob of the synthesis run.")
 
 
 def main(argv) -> None:
@@ -70,4 +74,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -19,11 +19,15 @@ from absl import app, flags
 
 from benchmarks.steps import call_seconds
 
-flags.DEFINE_string("backbone", "iresnet100", "Backbone whose convolutions are timed.")
-flags.DEFINE_integer("image_size", 112, "Image size.")
-flags.DEFINE_integer("batch", 8, "Batch size.")
-flags.DEFINE_integer("repeats", 7, "Timed calls per kernel (the fastest counts), after one warm-up call.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_string("backbone", "iresnet100", "Backbone whose convolutions are timed.")
+    flags.DEFINE_integer("image_size", 112, "Image size.")
+    flags.DEFINE_integer("batch", 8, "Batch size.")
+    flags.DEFINE_integer("repeats", 7, "Timed calls per kernel (the fastest counts), after one warm-up call.")
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -104,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

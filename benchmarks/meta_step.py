@@ -14,11 +14,15 @@ from absl import app, flags
 
 from benchmarks.steps import run_isolated
 
-flags.DEFINE_string("backbone", "iresnet18", "Backbone.")
-flags.DEFINE_integer("image_size", 112, "Image size.")
-flags.DEFINE_integer("batch", 16, "Training batch |T|.")
-flags.DEFINE_integer("repeats", 5, "Timed steps per variant (after 2 warm-up steps).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_string("backbone", "iresnet18", "Backbone.")
+    flags.DEFINE_integer("image_size", 112, "Image size.")
+    flags.DEFINE_integer("batch", 16, "Training batch |T|.")
+    flags.DEFINE_integer("repeats", 5, "Timed steps per variant (after 2 warm-up steps).")
 
 
 def main(argv):
@@ -56,4 +60,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

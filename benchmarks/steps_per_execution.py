@@ -15,13 +15,17 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("backbone", "iresnet18", "Backbone.")
-flags.DEFINE_float("width_multiplier", 0.125, "Channel width multiplier (small steps show the dispatch cost).")
-flags.DEFINE_integer("image_size", 32, "Image size.")
-flags.DEFINE_integer("batch", 16, "Batch size.")
-flags.DEFINE_integer("steps", 200, "Timed steps per variant and round (after one warm-up call).")
-flags.DEFINE_list("per_call", ["1", "5", "20"], "Steps per call to compare; the first is the baseline.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_string("backbone", "iresnet18", "Backbone.")
+    flags.DEFINE_float("width_multiplier", 0.125, "Channel width multiplier (small steps show the dispatch cost).")
+    flags.DEFINE_integer("image_size", 32, "Image size.")
+    flags.DEFINE_integer("batch", 16, "Batch size.")
+    flags.DEFINE_integer("steps", 200, "Timed steps per variant and round (after one warm-up call).")
+    flags.DEFINE_list("per_call", ["1", "5", "20"], "Steps per call to compare; the first is the baseline.")
 
 
 def main(argv):
@@ -76,4 +80,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

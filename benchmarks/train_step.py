@@ -18,15 +18,19 @@ from absl import app, flags
 
 from benchmarks.steps import run_isolated
 
-flags.DEFINE_list("backbones", ["iresnet50", "iresnet100"], "Backbones of the plain step.")
-flags.DEFINE_list("meta_backbones", ["iresnet50"], "Backbones of the meta step.")
-flags.DEFINE_list("precisions", ["float32", "bfloat16"], "Precisions.")
-flags.DEFINE_list("compilers", ["eager", "xla"], "eager: tf.function; xla: tf.function(jit_compile=True).")
-flags.DEFINE_integer("image_size", 112, "Image size.")
-flags.DEFINE_integer("batch", 8, "Batch size.")
-flags.DEFINE_integer("repeats", 5, "Timed plain steps per variant (after 2 warm-up steps).")
-flags.DEFINE_integer("meta_repeats", 3, "Timed meta steps per variant (after 2 warm-up steps).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_list("backbones", ["iresnet50", "iresnet100"], "Backbones of the plain step.")
+    flags.DEFINE_list("meta_backbones", ["iresnet50"], "Backbones of the meta step.")
+    flags.DEFINE_list("precisions", ["float32", "bfloat16"], "Precisions.")
+    flags.DEFINE_list("compilers", ["eager", "xla"], "eager: tf.function; xla: tf.function(jit_compile=True).")
+    flags.DEFINE_integer("image_size", 112, "Image size.")
+    flags.DEFINE_integer("batch", 8, "Batch size.")
+    flags.DEFINE_integer("repeats", 5, "Timed plain steps per variant (after 2 warm-up steps).")
+    flags.DEFINE_integer("meta_repeats", 3, "Timed meta steps per variant (after 2 warm-up steps).")
 
 
 def main(argv):
@@ -49,4 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

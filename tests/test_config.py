@@ -107,3 +107,13 @@ def test_no_module_edits_sys_path():
     for folder in ("mvcom_tf", "tools", "benchmarks", "tests"):
         for path in pathlib.Path(REPO, folder).rglob("*.py"):
             assert needle not in path.read_text(), path
+
+
+def test_no_module_defines_flags_on_import():
+    """Flags are defined by the command that reads them, so importing a module (a test, a notebook) adds none."""
+    for folder in ("mvcom_tf", "tools", "benchmarks"):
+        for path in pathlib.Path(REPO, folder).rglob("*.py"):
+            for statement in ast.parse(path.read_text()).body:
+                if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call):
+                    called = ast.unparse(statement.value.func)
+                    assert not called.startswith(("flags.DEFINE", "flags.register", "flags.mark")), (path, called)

@@ -19,17 +19,21 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("checkpoint", None, "arcface_torch backbone state dict (backbone.pth, model.pt) or a "
-                    "checkpoint_gpu_<rank>.pt.", required=True)
-flags.DEFINE_list("partial_fc", [], "Every rank's checkpoint_gpu_<rank>.pt: their Partial FC centres, joined in "
-                  "rank order, become the identity head (the .rec label order). Empty: no identity head "
-                  "(train one with --head_warmup_steps).")
-flags.DEFINE_enum("backbone", None, ["iresnet18", "iresnet34", "iresnet50", "iresnet100"], "Expected depth "
-                  "(checked against the file; read from it when not given).")
-flags.DEFINE_float("width_multiplier", None, "Expected width multiplier (checked; read from the file if not given).")
-flags.DEFINE_integer("embedding_size", None, "Expected embedding size (checked; read from the file if not given).")
-flags.DEFINE_string("out_dir", None, "Output folder.", required=True)
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_string("checkpoint", None, "arcface_torch backbone state dict (backbone.pth, model.pt) or a "
+                        "checkpoint_gpu_<rank>.pt.", required=True)
+    flags.DEFINE_list("partial_fc", [], "Every rank's checkpoint_gpu_<rank>.pt: their Partial FC centres, joined in "
+                      "rank order, become the identity head (the .rec label order). Empty: no identity head "
+                      "(train one with --head_warmup_steps).")
+    flags.DEFINE_enum("backbone", None, ["iresnet18", "iresnet34", "iresnet50", "iresnet100"], "Expected depth "
+                      "(checked against the file; read from it when not given).")
+    flags.DEFINE_float("width_multiplier", None, "Expected width multiplier (checked; read from the file if not given).")
+    flags.DEFINE_integer("embedding_size", None, "Expected embedding size (checked; read from the file if not given).")
+    flags.DEFINE_string("out_dir", None, "Output folder.", required=True)
 
 
 def main(argv) -> int:
@@ -84,5 +88,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.exit(app.run(main))

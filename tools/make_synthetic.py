@@ -9,21 +9,25 @@ from absl import app, flags
 
 from mvcom_tf.data import synthetic
 
-flags.DEFINE_string("out_dir", None, "Folder to write the split to (shards + dataset.json).", required=True)
-flags.DEFINE_enum("split", "train", list(synthetic.SPLITS), "train: long-tailed; meta: balanced factors; "
-                  "test, val: verification pairs balanced within every group (val: the bias study's split for "
-                  "choosing settings).")
-flags.DEFINE_integer("num_identities", 500, "Identities in the split.", lower_bound=8)
-flags.DEFINE_integer("image_size", 32, "Image size in pixels.", lower_bound=16)
-flags.DEFINE_integer("seed", 0, "Seed: the same seed gives the same bytes.")
-flags.DEFINE_integer("num_shards", 4, "TFRecord shards.", lower_bound=1)
-flags.DEFINE_integer("max_images", 80, "train: images of the largest identity.", lower_bound=1)
-flags.DEFINE_integer("min_images", 5, "train: images of the smallest identity.", lower_bound=1)
-flags.DEFINE_float("zipf_exponent", 0.5, "train: images per identity ~ rank ** -exponent.", lower_bound=0.0)
-flags.DEFINE_integer("meta_images", 10, "meta: images per identity.", lower_bound=1)
-flags.DEFINE_integer("pair_anchors", 1, "test, val: clean anchor images per identity; every probe is paired with "
-                     "each (a positive and a same-group negative per anchor).", lower_bound=1)
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_string("out_dir", None, "Folder to write the split to (shards + dataset.json).", required=True)
+    flags.DEFINE_enum("split", "train", list(synthetic.SPLITS), "train: long-tailed; meta: balanced factors; "
+                      "test, val: verification pairs balanced within every group (val: the bias study's split for "
+                      "choosing settings).")
+    flags.DEFINE_integer("num_identities", 500, "Identities in the split.", lower_bound=8)
+    flags.DEFINE_integer("image_size", 32, "Image size in pixels.", lower_bound=16)
+    flags.DEFINE_integer("seed", 0, "Seed: the same seed gives the same bytes.")
+    flags.DEFINE_integer("num_shards", 4, "TFRecord shards.", lower_bound=1)
+    flags.DEFINE_integer("max_images", 80, "train: images of the largest identity.", lower_bound=1)
+    flags.DEFINE_integer("min_images", 5, "train: images of the smallest identity.", lower_bound=1)
+    flags.DEFINE_float("zipf_exponent", 0.5, "train: images per identity ~ rank ** -exponent.", lower_bound=0.0)
+    flags.DEFINE_integer("meta_images", 10, "meta: images per identity.", lower_bound=1)
+    flags.DEFINE_integer("pair_anchors", 1, "test, val: clean anchor images per identity; every probe is paired with "
+                         "each (a positive and a same-group negative per anchor).", lower_bound=1)
 
 
 def main(argv):
@@ -45,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import images, recordio, schema
+from mvcom_tf.data.detection import DETECT_BATCH
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, LabelCounter, SplitWriter, shard_name, write_json
 
 REPORT_FILE = "report.json"
@@ -38,7 +39,7 @@ SKIP_REASONS = ("undecodable_image", "image_too_large", "image_too_small", "no_l
                 "excluded_identity", "bad_label_row", "corrupt_record")
 LABEL_COLUMNS = ("pose", "occlusion", "blur", "ethnicity", "yaw")
 BLOCK_ITEMS = 256  # consecutive source images kept together when dealing them to shards
-LOAD_BATCH = 16  # images a worker loads at once (face detection runs them as one batch)
+LOAD_BATCH = DETECT_BATCH  # images a worker loads at once (face detection runs them as one batch)
 
 
 class Skip(Exception):

@@ -11,12 +11,13 @@ import json
 import posixpath
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import alignment
-from mvcom_tf.data.detection import FaceDetector, choose
+from mvcom_tf.data.detection import DETECT_BATCH, Face, FaceDetector, main_faces
 from mvcom_tf.data.images import IMAGE_EXTENSIONS, ImageProblem, decode_rgb
 from mvcom_tf.evaluation.embedders import load_embedder
 from mvcom_tf.evaluation.verification import embed_images
@@ -35,6 +36,15 @@ def image_paths(spec: str) -> list[str]:
     return sorted(tf.io.gfile.glob(spec))
 
 
+class Photo(NamedTuple):
+    """One photograph's outcome: its aligned main face and the detection, or no face (None), or why it cannot be read."""
+
+    path: str
+    face: np.ndarray | None = None
+    found: Face | None = None
+    problem: Exception | None = None
+
+
 class FaceEmbedder:
     """Photograph -> detected, aligned face -> flip-fused, L2-normalised embedding."""
 
@@ -44,14 +54,27 @@ class FaceEmbedder:
         self.detector = FaceDetector(min_confidence, min_face_size)
         self.batch_size = batch_size
 
-    def face(self, path: str):
-        """(aligned uint8 face, Face) of the photo's main face; raises ImageProblem, or returns (None, None)."""
-        with tf.io.gfile.GFile(path, "rb") as f:
-            image = decode_rgb(f.read())
-        found = choose(self.detector.detect(image), image.shape)
-        if found is None:
-            return None, None
-        return alignment.align_face(image, found.landmarks, self.image_size).numpy(), found
+    def face(self, path: str) -> tuple[np.ndarray | None, Face | None]:
+        """(aligned uint8 face, Face) of the photo's main face, or (None, None); raises what made it unreadable."""
+        photo = self.faces([path])[0]
+        if photo.problem is not None:
+            raise photo.problem
+        return photo.face, photo.found
+
+    def faces(self, paths: list[str]) -> list[Photo]:
+        """Each photo's main face, aligned, the photos detected in one batch; a photo that cannot be read says why."""
+        photos, images = [Photo(path) for path in paths], {}
+        for index, path in enumerate(paths):
+            try:
+                with tf.io.gfile.GFile(path, "rb") as f:
+                    images[index] = decode_rgb(f.read())
+            except (ImageProblem, OSError, tf.errors.NotFoundError) as problem:
+                photos[index] = Photo(path, problem=problem)
+        for (index, image), found in zip(images.items(), main_faces(self.detector, list(images.values()))):
+            if found is not None:
+                face = alignment.align_face(image, found.landmarks, self.image_size).numpy()
+                photos[index] = Photo(paths[index], face, found)
+        return photos
 
     def embeddings(self, faces):
         """Flip-fused embeddings [N, E] of aligned faces."""
@@ -62,22 +85,21 @@ def embed_folder(embedder: FaceEmbedder, paths: list[str], output: str) -> dict:
     """Embeds every photo of `paths` into `output` (.npz); returns counts."""
     kept, faces, boxes, landmarks, confidences, no_face, unreadable = [], [], [], [], [], [], []
     start = time.perf_counter()
-    for index, path in enumerate(paths, 1):
-        try:
-            face, found = embedder.face(path)
-        except (ImageProblem, OSError) as problem:
-            unreadable.append(f"{path}: {problem}")
-        else:
-            if found is None:
-                no_face.append(path)
+    for first in range(0, len(paths), DETECT_BATCH):
+        for photo in embedder.faces(paths[first:first + DETECT_BATCH]):
+            if photo.problem is not None:
+                unreadable.append(f"{photo.path}: {photo.problem}")
+            elif photo.found is None:
+                no_face.append(photo.path)
             else:
-                kept.append(path)
-                faces.append(face)
-                boxes.append(found.box)
-                landmarks.append(found.landmarks)
-                confidences.append(found.confidence)
-        rate = index / max(time.perf_counter() - start, 1e-9)
-        print(f"\r{index}/{len(paths)} images, {rate:.1f} images/s, ETA {(len(paths) - index) / rate:.0f} s",
+                kept.append(photo.path)
+                faces.append(photo.face)
+                boxes.append(photo.found.box)
+                landmarks.append(photo.found.landmarks)
+                confidences.append(photo.found.confidence)
+        done = min(first + DETECT_BATCH, len(paths))
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        print(f"\r{done}/{len(paths)} images, {rate:.1f} images/s, ETA {(len(paths) - done) / rate:.0f} s",
               end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     embeddings = embedder.embeddings(faces) if faces else np.zeros((0, 0), np.float32)

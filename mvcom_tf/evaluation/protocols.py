@@ -107,24 +107,25 @@ def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray 
     """Each photo's detected landmarks, None for a photo already aligned (the model's input size, or 112
     px square); the photos in which no face was found (they are embedded whole, resized); and the
     photos that cannot be read, with the reason."""
-    from mvcom_tf.data.detection import FaceDetector, choose
+    from mvcom_tf.data.detection import DETECT_BATCH, FaceDetector, main_faces
 
-    detector, landmarks, no_face, unreadable = FaceDetector(), [], [], {}
-    for path in paths:
-        try:
-            with tf.io.gfile.GFile(path, "rb") as f:
-                image = images.decode_rgb(f.read())
-        except (images.ImageProblem, tf.errors.NotFoundError) as problem:
-            unreadable[path] = f"{path}: {problem}"
-            landmarks.append(None)
-            continue
-        if image.shape[0] == image.shape[1] and image.shape[0] in (image_size, alignment.ALIGNED_SIZE):
-            landmarks.append(None)
-            continue
-        face = choose(detector.detect(image), image.shape)
-        landmarks.append(None if face is None else face.landmarks)
-        if face is None:
-            no_face.append(path)
+    detector, landmarks, no_face, unreadable = FaceDetector(), [None] * len(paths), [], {}
+    for first in range(0, len(paths), DETECT_BATCH):
+        pending = {}  # index -> image of this batch's photos that need a detection
+        for index in range(first, min(first + DETECT_BATCH, len(paths))):
+            try:
+                with tf.io.gfile.GFile(paths[index], "rb") as f:
+                    image = images.decode_rgb(f.read())
+            except (images.ImageProblem, tf.errors.NotFoundError) as problem:
+                unreadable[paths[index]] = f"{paths[index]}: {problem}"
+                continue
+            if not (image.shape[0] == image.shape[1] and image.shape[0] in (image_size, alignment.ALIGNED_SIZE)):
+                pending[index] = image
+        for index, face in zip(pending, main_faces(detector, list(pending.values()))):
+            if face is None:
+                no_face.append(paths[index])
+            else:
+                landmarks[index] = face.landmarks
     return landmarks, no_face, unreadable
 
 

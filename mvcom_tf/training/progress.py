@@ -41,17 +41,14 @@ class Progress:
         scalars = {"lr": lr, "steps_per_s": steps_per_s, "images_per_s": float(sums.images) / elapsed}
         if sums.identity:
             scalars.update(sums.identity.scalars())
+            state = f"loss {scalars['loss']:.4f} acc {scalars['accuracy']:.3f} lr {lr:.5g}"
+        else:  # a warm-up without the identity loss says what it trains
+            state = f"{self.stage.describe(step)},"
         if sums.stage:
             scalars.update(self.stage.scalars(sums.stage))
         eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / steps_per_s))
-        name = self.stage.name
-        if sums.identity:
-            logging.info("[%s] step %d/%d epoch %d loss %.4f acc %.3f lr %.5g images/s %.1f ETA %s", name, step,
-                         self.total_steps, epoch + 1, scalars["loss"], scalars["accuracy"], lr,
-                         scalars["images_per_s"], eta)
-        else:
-            logging.info("[%s] step %d/%d epoch %d %s, images/s %.1f ETA %s", name, step, self.total_steps,
-                         epoch + 1, self.stage.describe(step), scalars["images_per_s"], eta)
+        logging.info("[%s] step %d/%d epoch %d %s images/s %.1f ETA %s", self.stage.name, step, self.total_steps,
+                     epoch + 1, state, scalars["images_per_s"], eta)
         self._summaries(step, scalars)
         self.sums, self.samples = (), ()
         self.since_step, self.since_time = step, time.perf_counter()
