@@ -42,23 +42,20 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
     own scalars over the stage. Raises Preempted once `preempted` is set (after saving), NonFiniteLoss on a
     non-finite loss (--nan_policy=stop)."""
     run = _start(config, stage, strategy, init_checkpoint, resume_dir)
-    step, per_epoch, options = int(run.checkpoints.step.numpy()), stage.steps_per_epoch, _input_options(config)
+    step, per_epoch = int(run.checkpoints.step.numpy()), stage.steps_per_epoch
     compiled = CompiledSteps(strategy, config.jit_compile, config.steps_per_execution)
     every = [config.log_every, config.checkpoint_every, config.eval_every if config.eval_data else 0]
+    iterators = _inputs(run, _input_options(config), range(step, run.total_steps))
     while step < run.total_steps:
-        epoch, offset = divmod(step, per_epoch)
-        iterators = tuple(distributed_batches(strategy, spec, options, epoch, offset, run.failures,
-                                              first_step=step if index == 0 else -1)
-                          for index, spec in enumerate(stage.inputs()))
-        last = min(step - offset + per_epoch, run.total_steps)
-        while step < last:
-            count = execution_length(stage, step, last, config.steps_per_execution, every)
-            output = compiled(stage.replica_step(step), iterators, count)
-            faults.check_finite(output.sums, stage.name, step, count, run.checkpoints.latest)
-            run.skipped += skipped_steps(output.sums, strategy.num_replicas_in_sync)
-            run.progress.add(output)
-            step += count
-            _after_steps(run, step, epoch, preempted)
+        epoch = step // per_epoch
+        last = min((epoch + 1) * per_epoch, run.total_steps)  # a call ends at the end of an epoch
+        count = execution_length(stage, step, last, config.steps_per_execution, every)
+        output = compiled(stage.replica_step(step), iterators, count)
+        faults.check_finite(output.sums, stage.name, step, count, run.checkpoints.latest)
+        run.skipped += skipped_steps(output.sums, strategy.num_replicas_in_sync)
+        run.progress.add(output)
+        step += count
+        _after_steps(run, step, epoch, preempted)
     run.checkpoints.save(step)
     run.writer.flush()
     return run.progress.stage_summary()
@@ -79,6 +76,14 @@ def _start(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strategy, 
                  strategy.num_replicas_in_sync)
     return StageRun(config, stage, strategy, checkpoints, Progress(stage, total_steps, step, writer), writer,
                     total_steps)
+
+
+def _inputs(run: StageRun, options: InputOptions, steps: range) -> tuple:
+    """One iterator per input of the stage over the steps left (none once the stage is done)."""
+    if not steps:
+        return ()
+    return tuple(distributed_batches(run.strategy, spec, options, steps, run.stage.steps_per_epoch, run.failures,
+                                     nan_drill=index == 0) for index, spec in enumerate(run.stage.inputs()))
 
 
 def stage_length(config: TrainConfig, stage: Stage) -> int:
