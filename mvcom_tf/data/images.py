@@ -39,6 +39,15 @@ def truncation_problem(data: bytes) -> str | None:
     return None
 
 
+def read_rgb(path: str) -> np.ndarray:
+    """The image file at `path` (any tf.io.gfile path) as `decode_rgb` returns it; raises ImageProblem, or what
+    tf.io.gfile raises for a file it cannot open."""
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return decode_rgb(f.read())
+
+
 def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """uint8 [H, W, 3] RGB of encoded image bytes, turned upright by its EXIF orientation; raises ImageProblem."""
     from PIL import Image, ImageOps

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from mvcom_tf.data import alignment
 from mvcom_tf.data.detection import DETECT_BATCH, Face, FaceDetector, main_faces
-from mvcom_tf.data.images import IMAGE_EXTENSIONS, ImageProblem, decode_rgb
+from mvcom_tf.data.images import IMAGE_EXTENSIONS, ImageProblem, read_rgb
 from mvcom_tf.evaluation.embedders import load_embedder
 from mvcom_tf.evaluation.verification import embed_images
 
@@ -66,8 +66,7 @@ class FaceEmbedder:
         photos, images = [Photo(path) for path in paths], {}
         for index, path in enumerate(paths):
             try:
-                with tf.io.gfile.GFile(path, "rb") as f:
-                    images[index] = decode_rgb(f.read())
+                images[index] = read_rgb(path)
             except (ImageProblem, OSError, tf.errors.NotFoundError) as problem:
                 photos[index] = Photo(path, problem=problem)
         for (index, image), found in zip(images.items(), main_faces(self.detector, list(images.values()))):

@@ -114,8 +114,7 @@ def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray 
         pending = {}  # index -> image of this batch's photos that need a detection
         for index in range(first, min(first + DETECT_BATCH, len(paths))):
             try:
-                with tf.io.gfile.GFile(paths[index], "rb") as f:
-                    image = images.decode_rgb(f.read())
+                image = images.read_rgb(paths[index])
             except (images.ImageProblem, tf.errors.NotFoundError) as problem:
                 unreadable[paths[index]] = f"{paths[index]}: {problem}"
                 continue
