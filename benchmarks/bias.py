@@ -1,28 +1,33 @@
-"""The bias study: does MvCoM reduce bias on the synthetic faces, against the headroom an oracle margin shows?
+"""The bias study: where can per-sample margins help, and does MvCoM reach that headroom?
 
-    python -m benchmarks.bias [--out_dir=runs/bias --seeds=0,1,2,3,4 --jobs=2]
+    python -m benchmarks.bias [--data=headroom --out_dir=runs/bias_headroom --seeds=0,1,2,3,4]
     python -m benchmarks.bias --quick          # the same study, tiny (a few minutes; the tests run it)
 
-1. Data under <out_dir>/data: the demo's long-tailed `train` and balanced `meta` splits, and
-   two pair splits with identities disjoint from them and from each other, `val` (every
-   choice is made on it) and `test` (scored once per final run, never used to choose).
-2. One CosFace pre-training per seed (flags/bias_study.cfg: the demo's network and data,
-   trained until it fits the training split; with the demo's schedule the softmax stays
-   saturated and no margin changes a gradient, see that file). Every fine-tuning of a seed starts from
-   it with that seed's batches in the same order, so differences between arms are paired.
-3. Selection on `val`, with the first --select_seeds seeds, by the val score (the mean over
-   the four factors of the worst group's accuracy): first CosFace and the oracle at every
-   length and delta (the headroom), then MvCoM's tau, residual_max and meta scope, then the
-   fine-tuning length (MvCoM's lead over CosFace at the same length); the oracle keeps its
-   best delta at that length.
-4. Final arms for every seed at the kept settings: cosface (constant margin), prior (the
-   class-aware prior alone), oracle (m + delta for each factor in which the sample is not in
-   the head class, from its ground-truth labels), mvcom_hard, mvcom_random.
+1. Data under <out_dir>/data, by --data: `headroom` (the default: every tail class of pose,
+   occlusion and blur at 1% of the training images, variations that keep the identity
+   evidence; synthetic.HEADROOM_*) or `demo` (the demo's data, whose tails lose information).
+   Long-tailed `train`, balanced `meta`, and two pair splits with identities disjoint from them
+   and each other: `val` (every choice is made on it) and `test` (scored once per final run).
+2. One CosFace pre-training per seed (flags/bias_study.cfg: trained until it fits the training
+   split, out of the saturated softmax in which no margin changes a gradient). Every
+   fine-tuning of a seed starts from it with that seed's batches in the same order, so
+   differences between arms are paired.
+3. Selection on `val`, with the first --select_seeds seeds, by the val score (the mean over the
+   four factors of the worst group's accuracy): first the headroom (CosFace, the oracle at each
+   delta, resample), then for each meta objective MvCoM's tau, then its meta scope.
+4. Final arms for every seed: cosface (constant margin), prior (the class-aware prior alone),
+   oracle (m + delta for each factor in which the sample is not in the head class, from its
+   ground-truth labels), resample (constant margin, batches drawn so that every class of a
+   factor is about equally likely: --train_sampling=balanced), mvcom_variation (Eq. 13) and
+   mvcom_verification (our objective), both with hard meta sampling.
 5. Report: per arm against cosface, the mean paired difference over seeds with its 95% t
    interval, for accuracy and per factor worst group, std across groups and skewed error
-   ratio; a PNG of them; the residuals per class (seed Sec. E) and their correlation with
-   tail membership. Written to <out_dir>/report.md, bias.json and bias_differences.png; a
-   full run also to benchmarks/results/. The last line printed is the JSON.
+   ratio; a PNG of them; the residuals per class (seed Sec. E) and their correlation with tail
+   membership; the meta-signal probe (benchmarks/meta_signal.py) from the first seed's
+   pre-training for each MvCoM arm. Written to <out_dir>/report.md, bias.json and
+   bias_differences.png; a full run also to benchmarks/results/ (bias.json, bias.png,
+   bias_report.md for the headroom data; bias_demo.* for the demo's). The last line printed
+   is the JSON.
 
 A run folder holding metrics.json is finished and never trained again, a test score holding
 results.json is not scored again: a killed study resumes where it stopped.
@@ -57,46 +62,63 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command's flags (defined when it runs, not on import)."""
-    flags.DEFINE_string("out_dir", "runs/bias", "Folder of the data, the run folders and the report.")
+    flags.DEFINE_enum("data", "headroom", list(DATA), "The data variant: headroom (rare tails that keep the "
+                      "identity) or demo (the demo's data).")
+    flags.DEFINE_string("out_dir", "", "Folder of the data, the run folders and the report; empty: runs/bias_<data>.")
     flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds (initialisation, data order, augmentation).")
-    flags.DEFINE_integer("select_seeds", 1, "How many of the first seeds choose the settings on val (each costs "
-                         "about 30 minutes here).", lower_bound=1)
-    flags.DEFINE_integer("jobs", 3, "Trainings run at once (3 keeps 2 cores busy through start-up and evaluation).",
+    flags.DEFINE_integer("select_seeds", 1, "How many of the first seeds choose the settings on val.", lower_bound=1)
+    flags.DEFINE_integer("jobs", 2, "Trainings run at once (2 keeps 2 cores busy through start-up and evaluation).",
                          lower_bound=1)
     flags.DEFINE_bool("quick", False, "A tiny study (small data and network, one value per setting) for tests.")
 
 
+DATA = ("headroom", "demo")
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
-    """What a study trains: its data, the training flags every run shares, and the grids searched on val."""
+    """What a study trains: the training flags every run shares and the grids searched on val."""
 
-    splits: dict[str, synthetic.SplitConfig]
     train_flags: tuple[str, ...]
     taus: tuple[float, ...]
-    residual_maxes: tuple[float, ...]
     scopes: tuple[str, ...]
-    lengths: tuple[int, ...]
+    length: int  # fine-tuning epochs
     oracle_deltas: tuple[float, ...]
+    objectives: tuple[str, ...] = ("variation", "verification")
 
+
+FULL = Study(
+    train_flags=("--flagfile=flags/bias_study.cfg",),
+    # The probe's first updates are about 1e-6 per sample at tau = 1: tau 1e4 and 1e5 give residuals of
+    # about 0.01 to the clip at 0.2 (1e3, the demo study's choice, leaves them near 0).
+    taus=(1e4, 1e5),
+    # Scope all costs about 7x a plain step (benchmarks/meta_step.py): its ten final runs alone would take
+    # longer than the study's 150-minute budget here, so the study runs the output-block scope only.
+    scopes=("head",),
+    length=7,  # the paper fine-tunes for 0.6 of its pre-training (18 of 30 epochs); 7 of 30 fits the budget
+    oracle_deltas=(0.1, 0.2, 0.3),
+)
+# The --quick study's network and schedule (benchmarks.meta_signal --quick pre-trains with them too).
+QUICK_TRAIN_FLAGS = ("--flagfile=flags/bias_study.cfg", "--width_multiplier=0.125", "--embedding_size=32",
+                     "--batch_size=16", "--epochs=3", "--lr_steps=2", "--log_every=10", "--variation_warmup_steps=2")
+QUICK = Study(train_flags=QUICK_TRAIN_FLAGS, taus=(1000.0,), scopes=("head",), length=1, oracle_deltas=(0.1,))
 
 _EVAL_PAIRS = synthetic.SplitConfig(num_identities=1250, pair_anchors=2)  # >= 5,000 pairs in every group
-FULL = Study(
-    splits={**synthetic.demo_configs(), "val": _EVAL_PAIRS, "test": _EVAL_PAIRS},
-    train_flags=("--flagfile=flags/bias_study.cfg",),
-    taus=(1e3, 3e3, 1e4, 3e4, 1e5),
-    residual_maxes=(0.1, 0.2, 0.4),
-    scopes=("head", "all"),
-    lengths=(2, 7),  # fine-tuning epochs; the paper fine-tunes for 0.6 of its pre-training (18 of 30)
-    oracle_deltas=(0.05, 0.1, 0.2, 0.3),
-)
-QUICK = Study(
-    splits={"train": synthetic.SplitConfig(num_identities=32, max_images=10, min_images=4),
-            "meta": synthetic.SplitConfig(num_identities=16, meta_images=4),
-            "val": synthetic.SplitConfig(num_identities=8), "test": synthetic.SplitConfig(num_identities=8)},
-    train_flags=("--flagfile=flags/bias_study.cfg", "--width_multiplier=0.125", "--embedding_size=32",
-                 "--batch_size=16", "--epochs=6", "--lr_steps=5", "--log_every=10", "--variation_warmup_steps=2"),
-    taus=(1000.0,), residual_maxes=(0.2,), scopes=("head",), lengths=(2,), oracle_deltas=(0.1,),
-)
+
+
+def splits(data: str, quick: bool) -> dict[str, synthetic.SplitConfig]:
+    """The study's splits of a data variant: demo (the demo's data) or headroom (rare, identity-keeping tails)."""
+    if quick:
+        tiny = {"train": synthetic.SplitConfig(num_identities=32, max_images=10, min_images=4),
+                "meta": synthetic.SplitConfig(num_identities=16, meta_images=4),
+                "val": synthetic.SplitConfig(num_identities=8), "test": synthetic.SplitConfig(num_identities=8)}
+    else:
+        tiny = {**synthetic.demo_configs(), "val": _EVAL_PAIRS, "test": _EVAL_PAIRS}
+    if data == "demo":
+        return tiny
+    return {split: dataclasses.replace(config, **synthetic.HEADROOM_STYLE,
+                                       **(synthetic.HEADROOM_TRAIN if split == "train" else {}))
+            for split, config in tiny.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,42 +128,51 @@ class Arm:
     arm: str
     length: int
     tau: float = 0.0
-    residual_max: float = 0.2
-    scope: str = "all"
+    scope: str = "head"
     delta: float = 0.0
+
+    @property
+    def objective(self) -> str:
+        return self.arm.removeprefix("mvcom_")
 
     @property
     def name(self) -> str:
         if self.arm.startswith("mvcom"):
-            return f"{self.arm}-tau{self.tau:g}-rmax{self.residual_max:g}-{self.scope}-e{self.length}"
+            return f"{self.arm}-tau{self.tau:g}-{self.scope}-e{self.length}"
         if self.arm == "oracle":
             return f"oracle-delta{self.delta:g}-e{self.length}"
         return f"{self.arm}-e{self.length}"
 
     def flags(self) -> list[str]:
-        arm_flags = {
-            "cosface": ["--margin_prior=constant", "--meta_lr_tau=0"],
-            "prior": ["--margin_prior=volume", "--meta_lr_tau=0"],
-            "oracle": ["--margin_prior=constant", "--meta_lr_tau=0", "--oracle_margin_deltas=" + ",".join(
-                [f"{self.delta:g}"] * len(schema.FACTORS))],
-            "mvcom_hard": ["--margin_prior=volume", "--meta_sampling=hard"],
-            "mvcom_random": ["--margin_prior=volume", "--meta_sampling=random"],
-        }[self.arm]
+        constant = ["--margin_prior=constant", "--meta_lr_tau=0"]
         if self.arm.startswith("mvcom"):
-            arm_flags += [f"--meta_lr_tau={self.tau:g}", f"--residual_max={self.residual_max:g}",
-                          f"--meta_scope={self.scope}"]
+            arm_flags = ["--margin_prior=volume", "--meta_sampling=hard", f"--meta_objective={self.objective}",
+                         f"--meta_lr_tau={self.tau:g}", f"--meta_scope={self.scope}"]
+        else:
+            arm_flags = {
+                "cosface": constant,
+                "prior": ["--margin_prior=volume", "--meta_lr_tau=0"],
+                "oracle": constant + ["--oracle_margin_deltas=" + ",".join([f"{self.delta:g}"] * len(schema.FACTORS))],
+                "resample": constant + ["--train_sampling=balanced"],
+            }[self.arm]
         return arm_flags + [f"--meta_epochs={self.length}"]
 
 
 class Runner:
     """Trains run folders, --jobs at a time, skipping finished ones; keeps their wall times in timings.json."""
 
-    def __init__(self, out_dir: str, study: Study) -> None:
-        self.out_dir, self.study = out_dir, study
+    def __init__(self, out_dir: str, study: Study, data_splits: dict[str, synthetic.SplitConfig]) -> None:
+        self.out_dir, self.study, self.splits = out_dir, study, data_splits
         self.timings_path = os.path.join(out_dir, "timings.json")
         self.timings = _read_json(self.timings_path, {})
+        # Wall time of earlier (possibly killed) invocations, brought up to date after every run.
+        self.earlier_wall, self.started = self.timings.get("wall_seconds", 0.0), time.perf_counter()
         self.trained = 0
         self.lock = threading.Lock()  # the training threads share timings.json
+
+    def wall_seconds(self) -> float:
+        """The study's wall time so far, over every invocation."""
+        return self.earlier_wall + time.perf_counter() - self.started
 
     def data(self, split: str) -> str:
         return os.path.join(self.out_dir, "data", split)
@@ -150,7 +181,7 @@ class Runner:
         return os.path.join(self.out_dir, f"seed{seed}", name)
 
     def make_data(self) -> None:
-        for split, config in self.study.splits.items():
+        for split, config in self.splits.items():
             if not os.path.exists(os.path.join(self.data(split), "dataset.json")):
                 print(f"rendering {split}", file=sys.stderr, flush=True)
                 synthetic.write_split(self.data(split), split, config)
@@ -177,6 +208,7 @@ class Runner:
             raise SystemExit(f"failed ({result.returncode}): {' '.join(args)}; see {folder}/train.log")
         with self.lock:
             self.timings[f"seed{seed}/{name}"] = time.perf_counter() - start
+            self.timings["wall_seconds"] = self.wall_seconds()
             self.trained += 1
             _write_json(self.timings_path, self.timings)
 
@@ -210,42 +242,31 @@ def val_score(result: dict) -> float:
 
 
 def select(runner: Runner, seeds: list[str]) -> tuple[dict[str, Arm], list[dict]]:
-    """Chooses MvCoM's settings, the fine-tuning length and the oracle's delta on val; returns the final arms
-    and the val table (each step's runs, scored by the mean over the selection seeds)."""
+    """Chooses on val: the oracle's delta (the headroom, beside cosface and resample), then for each meta objective
+    MvCoM's tau and meta scope; returns the final arms and the val table (runs scored by the mean over the
+    selection seeds)."""
     study, table = runner.study, []
 
-    def scores(arms: list[Arm], step: str) -> list[float]:
+    def best(arms: list[Arm], step: str) -> Arm:
         runner.fine_tune(seeds, arms)
         means = []
         for arm in arms:
-            values = [val_score(runner.val_result(seed, arm)) for seed in seeds]
-            accuracy = np.mean([runner.val_result(seed, arm)["accuracy"] for seed in seeds])
-            means.append(float(np.mean(values)))
-            table.append({"step": step, "run": arm.name, "val_accuracy": float(accuracy), "val_score": means[-1]})
-        return means
+            results = [runner.val_result(seed, arm) for seed in seeds]
+            means.append(float(np.mean([val_score(result) for result in results])))
+            table.append({"step": step, "run": arm.name, "val_score": means[-1],
+                          "val_accuracy": float(np.mean([result["accuracy"] for result in results]))})
+        return arms[int(np.argmax(means))]
 
-    def best(arms: list[Arm], step: str, baseline: list[float] | None = None) -> Arm:
-        values = np.asarray(scores(arms, step)) - (np.asarray(baseline) if baseline is not None else 0.0)
-        return arms[int(np.argmax(values))]
-
-    # Headroom first: the oracle against CosFace at every length (if no delta gains, margins cannot help here).
-    cosface = scores([Arm("cosface", length) for length in study.lengths], "cosface")
-    oracle = {length: scores([Arm("oracle", length, delta=d) for d in study.oracle_deltas], "oracle")
-              for length in study.lengths}
-    short = min(study.lengths)
-    mvcom = Arm("mvcom_hard", short, residual_max=study.residual_maxes[len(study.residual_maxes) // 2],
-                scope=study.scopes[0])
-    mvcom = best([dataclasses.replace(mvcom, tau=tau) for tau in study.taus], "tau")
-    mvcom = best([dataclasses.replace(mvcom, residual_max=r) for r in study.residual_maxes], "residual_max")
-    mvcom = best([dataclasses.replace(mvcom, scope=scope) for scope in study.scopes], "scope")
-    # A longer stage is kept only if it widens MvCoM's lead over CosFace trained as long.
-    mvcom = best([dataclasses.replace(mvcom, length=length) for length in study.lengths], "length", cosface)
-    delta = study.oracle_deltas[int(np.argmax(oracle[mvcom.length]))]
-    settings = dataclasses.replace(mvcom, arm="")
-    arms = {"cosface": Arm("cosface", mvcom.length), "prior": Arm("prior", mvcom.length),
-            "oracle": Arm("oracle", mvcom.length, delta=delta),
-            "mvcom_hard": dataclasses.replace(settings, arm="mvcom_hard"),
-            "mvcom_random": dataclasses.replace(settings, arm="mvcom_random")}
+    length = study.length
+    arms = {"cosface": best([Arm("cosface", length)], "headroom"),
+            "prior": Arm("prior", length),
+            "oracle": best([Arm("oracle", length, delta=delta) for delta in study.oracle_deltas], "headroom"),
+            "resample": best([Arm("resample", length)], "headroom")}
+    for objective in study.objectives:
+        mvcom = Arm(f"mvcom_{objective}", length, scope=study.scopes[0])
+        mvcom = best([dataclasses.replace(mvcom, tau=tau) for tau in study.taus], f"{objective}: tau")
+        arms[mvcom.arm] = best([dataclasses.replace(mvcom, scope=scope) for scope in study.scopes],
+                               f"{objective}: scope")
     return arms, table
 
 
@@ -365,7 +386,30 @@ def markdown(study_json: dict, selection: list[dict]) -> str:
         summed = figures["tail_correlation_summed"]
         lines.append(f"- summed residual vs tail in any factor: correlation {_format(summed and summed['mean'], 3)} "
                      f"({_format(summed and summed['se'], 3)})")
+    for arm, figures in study_json.get("meta_signal", {}).items():
+        lines += ["", f"## Meta signal ({arm}, seed {study_json['seeds'][0]}'s pre-training): first residual update "
+                      "against tail membership, mean over batches [95% CI]", ""]
+        for factor, f in figures.items():
+            low, high = (_format(v, 3) for v in f["corr_ci"])
+            lines.append(f"- {factor}: correlation {_format(f['corr'], 3)} [{low}, {high}] over {f['batches']} "
+                         f"batches; mean update of tail samples {_scientific(f['tail_mean'])}, head {_scientific(f['head_mean'])}")
     return "\n".join(lines)
+
+
+def meta_signal(runner: Runner, seed: str, arm: Arm, batches: int, head_steps: int) -> dict:
+    """The meta-signal probe (benchmarks.meta_signal) of an MvCoM arm's objective and scope from a seed's
+    pre-training; kept in <out_dir>/meta_signal/, so a resumed study does not probe again."""
+    path = os.path.join(runner.out_dir, "meta_signal", f"seed{seed}-{arm.objective}-{arm.scope}.json")
+    figures = _read_json(path, None)
+    if figures is None:
+        from benchmarks.meta_signal import probe, summarise
+
+        print(f"probing the meta signal of {arm.name} from seed {seed}", file=sys.stderr, flush=True)
+        figures = summarise(probe(runner.folder(seed, "pretrain"), arm.objective, batches, head_steps,
+                                  [f"--meta_scope={arm.scope}", "--meta_sampling=hard"]))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_json(path, figures)
+    return figures
 
 
 def main(argv) -> None:
@@ -374,21 +418,25 @@ def main(argv) -> None:
     seeds = list(FLAGS.seeds) if not FLAGS.quick or FLAGS["seeds"].present else ["0", "1"]
     if len(seeds) < 2:
         raise app.UsageError("--seeds: paired intervals need at least 2 seeds")
-    out_dir = FLAGS.out_dir
+    out_dir = FLAGS.out_dir or f"runs/bias_{FLAGS.data}" + ("_quick" if FLAGS.quick else "")
     os.makedirs(out_dir, exist_ok=True)
-    started = time.perf_counter()
-    runner = Runner(out_dir, study)
+    runner = Runner(out_dir, study, splits(FLAGS.data, FLAGS.quick))
     runner.make_data()
-    runner.pretrain(seeds)
+    runner.pretrain(seeds[:FLAGS.select_seeds])  # the headroom's answer first, before the other seeds train
     arms, selection = select(runner, seeds[:FLAGS.select_seeds])
+    runner.pretrain(seeds)
     runner.fine_tune(seeds, list(arms.values()))
     results = {arm: [runner.test_result(seed, settings) for seed in seeds] for arm, settings in arms.items()}
+    mvcom_arms = [arm for arm in arms if arm.startswith("mvcom")]
+    probes = {arm: meta_signal(runner, seeds[0], arms[arm], *((20, 20) if FLAGS.quick else (200, 300)))
+              for arm in mvcom_arms}
 
-    wall = runner.timings.get("wall_seconds", 0.0) + time.perf_counter() - started
-    runner.timings["wall_seconds"] = wall
+    wall = runner.timings["wall_seconds"] = runner.wall_seconds()
     _write_json(runner.timings_path, runner.timings)
     baseline = results["cosface"]
     study_json = {
+        "data": FLAGS.data,
+        "made_by": {split: dataclasses.asdict(config) for split, config in runner.splits.items()},
         "seeds": [int(seed) for seed in seeds],
         "min_pairs_per_group": min(min_pairs_per_group(runner.data(split)) for split in ("val", "test")),
         "minutes": round(wall / 60, 1),
@@ -397,9 +445,10 @@ def main(argv) -> None:
         "cosface": {"accuracy": _number(np.mean([r["accuracy"] for r in baseline])),
                     **{factor: {SHORT[m]: _number(np.mean([r["factors"][factor][m] for r in baseline]))
                                 for m in MEASURES} for factor in schema.FACTORS}},
-        "mechanism": {arm: mechanism(runner, seeds, arms[arm]) for arm in ("mvcom_hard", "mvcom_random")},
+        "mechanism": {arm: mechanism(runner, seeds, arms[arm]) for arm in mvcom_arms},
+        "meta_signal": probes,
         "selection": selection,
-        "command": "python -m benchmarks.bias" + (" --quick" if FLAGS.quick else ""),
+        "command": f"python -m benchmarks.bias --data={FLAGS.data}" + (" --quick" if FLAGS.quick else ""),
         "date": datetime.date.today().isoformat(),
     }
     report = markdown(study_json, selection)
@@ -409,8 +458,9 @@ def main(argv) -> None:
     plot(study_json["arms"], os.path.join(out_dir, "bias_differences.png"))
     if not FLAGS.quick:
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        for name, committed in (("bias.json", "bias.json"), ("bias_differences.png", "bias.png"),
-                                ("report.md", "bias_report.md")):
+        stem = "bias" if FLAGS.data == "headroom" else f"bias_{FLAGS.data}"
+        for name, committed in (("bias.json", f"{stem}.json"), ("bias_differences.png", f"{stem}.png"),
+                                ("report.md", f"{stem}_report.md")):
             shutil.copy(os.path.join(out_dir, name), os.path.join(RESULTS_DIR, committed))
     print(report)
     print(f"\n{runner.trained} runs trained in this invocation; {study_json['minutes']} min in all "
@@ -424,6 +474,10 @@ def _number(value: float) -> float | None:
 
 def _format(value, digits: int) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _scientific(value) -> str:
+    return "n/a" if value is None else f"{value:+.3g}"
 
 
 def _read_json(path: str, default):

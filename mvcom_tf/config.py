@@ -20,7 +20,10 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, l
 
 
 FACTOR_LIST = "(pose, occlusion, blur, ethnicity)"
-STAGE_NAMES = ("pretrain", "meta")  # what --stage may list: CosFace pre-training, MvCoM fine-tuning
+# What --stage may list: CosFace pre-training; CosFace fine-tuning, the control MvCoM is measured against (the
+# meta stage's schedule, batches and warm-ups with a constant margin and no residuals); MvCoM fine-tuning.
+STAGE_NAMES = ("pretrain", "finetune", "meta")
+FINE_TUNING_STAGES = ("finetune", "meta")  # both start from the last pre-training (or --init_checkpoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,10 @@ class TrainConfig:
                                             "comma-separated <kind>:<path> as in mvcom_tf.evaluate (kinds bin, "
                                             "pairs, csv, rfw, ijb, synthetic; a bare path is a synthetic test "
                                             "split); empty: no evaluation.")
+    train_sampling: str = option("natural", "How training batches are drawn: natural (every image once an epoch) or "
+                                            "balanced (images kept at random so that the classes of each variation "
+                                            "factor come about equally often: the bias study's resample reference).",
+                                 choices=("natural", "balanced"))
     image_size: int = option(112, "Input size in pixels (square, divisible by 16).", lower=16)
     shuffle_buffer: int = option(20_000, "Records in the shuffle buffer.", lower=1)
     synth_blur_prob: float = option(0.0, "Probability of blurring a training or meta image (Gaussian, blur class "
@@ -98,6 +105,13 @@ class TrainConfig:
                                     "only the output block (cheap approximation).", choices=("all", "head"))
     factor_weights: tuple[float, ...] = option((1.0, 1.0, 1.0, 1.0), f"Weights of the residuals {FACTOR_LIST} (0 "
                                                                       "switches a factor off).", length=4)
+    meta_objective: str = option("variation", "What the residuals descend on the meta batch: variation (Eq. 13, the "
+                                              "paper: the variation classifiers' losses) or verification (ours: a "
+                                              "contrastive loss over P identities x K images, every class of a "
+                                              "factor weighted equally; docs/method.md).",
+                                 choices=("variation", "verification"))
+    meta_images_per_identity: int = option(4, "K of the verification objective's P x K meta batch (its images of "
+                                              "one identity are its positives).", lower=2)
     meta_sampling: str = option("hard", "Meta batch rule: hard keeps the pool's samples rarest under the training "
                                         "batch's label histograms; random takes the batch as drawn.",
                                 choices=("hard", "random"))
@@ -115,11 +129,14 @@ class TrainConfig:
         f"delta_k to a sample's margin when its ground-truth class of factor k {FACTOR_LIST} is not that factor's "
         "most frequent class in --train_data; use with --meta_lr_tau=0.", length=4)
     # The run.
-    stage: tuple[str, ...] = option(("pretrain",), "Stages to run in order: pretrain (CosFace), meta (MvCoM).")
+    stage: tuple[str, ...] = option(("pretrain",), "Stages to run in order: pretrain (CosFace), finetune (CosFace "
+                                                   "fine-tuning with the meta stage's schedule and batches: the "
+                                                   "control MvCoM is credited against), meta (MvCoM).")
     model_dir: str = option("runs/train", "Run folder: checkpoints/, tensorboard/, flags.txt, metrics.json, "
                                           "export/. Re-running with the same folder resumes.")
     init_checkpoint: str = option("", "Checkpoint (or folder) whose backbone and identity head start the first "
-                                      "stage; a meta stage after a pretrain stage of the same run starts from it.")
+                                      "stage; a finetune or meta stage after a pretrain stage of the same run "
+                                      "starts from it.")
     strategy: str = option("default", "tf.distribute strategy: mirrored on one host, multi_worker from TF_CONFIG.",
                            choices=("default", "mirrored", "multi_worker"))
     cpu_replicas: int = option(0, "Split the CPU into this many logical devices (testing MirroredStrategy without "

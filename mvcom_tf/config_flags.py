@@ -8,7 +8,7 @@ import typing
 
 from absl import flags
 
-from mvcom_tf.config import FACTOR_LIST, STAGE_NAMES, TrainConfig
+from mvcom_tf.config import FACTOR_LIST, FINE_TUNING_STAGES, STAGE_NAMES, TrainConfig
 from mvcom_tf.evaluation.benchmark_spec import KINDS, parse_benchmark
 
 # The CPU demo's recipe: applied when the command names neither --train_data nor a flagfile.
@@ -77,7 +77,7 @@ def _register_validators(flag_values: flags.FlagValues) -> None:
              "split's folder", flag_values=flag_values)
     register("image_size", lambda v: v % 16 == 0, "--image_size must be divisible by 16", flag_values=flag_values)
     register_multi(["mixed_precision", "stage"],
-                   lambda f: not (f["mixed_precision"] == "float16" and "meta" in f["stage"]),
+                   lambda f: not (f["mixed_precision"] == "float16" and set(FINE_TUNING_STAGES) & set(f["stage"])),
                    "--mixed_precision=float16 trains the pretrain stage only (the meta step's second-order "
                    "gradients are not loss-scaled): use --mixed_precision=bfloat16 with --stage=meta",
                    flag_values=flag_values)
@@ -100,8 +100,10 @@ def _register_validators(flag_values: flags.FlagValues) -> None:
     register_multi(["head_sharding", "partial_fc_rate"],
                    lambda f: f["head_sharding"] == "sharded" or f["partial_fc_rate"] == 1.0,
                    "--partial_fc_rate below 1 needs --head_sharding=sharded", flag_values=flag_values)
-    register_multi(["meta_data", "stage"], lambda f: bool(f["meta_data"]) or "meta" not in f["stage"],
-                   "--stage=meta needs --meta_data (a dataset folder with variation labels)", flag_values=flag_values)
+    register_multi(["meta_data", "stage"],
+                   lambda f: bool(f["meta_data"]) or not set(FINE_TUNING_STAGES) & set(f["stage"]),
+                   "--stage=meta needs --meta_data (a dataset folder with variation labels; so does finetune, "
+                   "its control)", flag_values=flag_values)
 
 
 def config_from_flags(flag_values: flags.FlagValues) -> TrainConfig:
@@ -126,6 +128,28 @@ def parse_config(argv: list[str]) -> TrainConfig:
     define_flags(flag_values)
     flag_values(["mvcom_tf.train", *argv])
     return config_from_flags(flag_values)
+
+
+def config_of_run(model_dir: str, *overrides: str) -> TrainConfig:
+    """The TrainConfig a run folder was trained with (its flags.txt), with `overrides` (flag strings) on top."""
+    import tensorflow as tf  # here, not at the top: the flag definitions stay light to import
+
+    path = os.path.join(model_dir, "flags.txt")
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{model_dir} is not a run folder: it has no flags.txt")
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    with tf.io.gfile.GFile(path) as f:
+        # flags.txt holds absl's own flags too: keep the run's (a false bool is written --noname).
+        kept = [line.strip() for line in f if line.startswith("--") and _flag_name(line.strip()) in names]
+    return parse_config([*kept, *overrides])
+
+
+def _flag_name(arg: str) -> str:
+    name = arg[2:].split("=", 1)[0]
+    return name[2:] if name.startswith("no") and name[2:] in BOOL_FLAGS else name
+
+
+BOOL_FLAGS = frozenset(field.name for field in dataclasses.fields(TrainConfig) if field.type in (bool, "bool"))
 
 
 def flag_sources(argv: list[str]) -> dict[str, list[str]]:

@@ -7,7 +7,8 @@
 .npz holds `paths`, `embeddings` [N, E] (L2-normalised), `boxes` [N, 4] (x, y, w, h), `landmarks`
 [N, 5, 2], `confidences` [N], and `no_face` and `unreadable` (the images left out, never silently).
 --compare prints the cosine of two photos and same/different at --threshold, or at the threshold
-of the model's own evaluation (`<model>/eval/results.json`) when it has one.
+of the model's own evaluation when it has one (`<model>/eval/results.json` from mvcom_tf.evaluate,
+or a run folder's `metrics.json` from training's --eval_data).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import sys
 
 from absl import app, flags
+
+from mvcom_tf.cli import define_command_flags
 
 FLAGS = flags.FLAGS
 
@@ -29,7 +32,8 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("output", "embeddings.npz", "Where --images' embeddings go.", flag_values=values)
     flags.DEFINE_bool("compare", False, "Compare the two image paths given as arguments.", flag_values=values)
     flags.DEFINE_float("threshold", None, "Cosine at or above which two faces are the same person; default: the "
-                       "model's evaluation threshold (<model>/eval/results.json).", flag_values=values)
+                       "model's evaluation threshold (<model>/eval/results.json, or a run folder's metrics.json).",
+                       flag_values=values)
     flags.DEFINE_float("min_confidence", 0.9, "The lowest detection confidence kept.", lower_bound=0.0,
                        upper_bound=1.0, flag_values=values)
     flags.DEFINE_integer("min_face_size", 20, "The smallest face side in pixels kept.", lower_bound=1,
@@ -49,7 +53,8 @@ def main(argv: list[str]) -> int:
             raise app.UsageError("--compare takes two image paths")
         threshold = FLAGS.threshold if FLAGS.threshold is not None else model_threshold(FLAGS.model)
         if threshold is None:
-            raise app.UsageError(f"{FLAGS.model} has no eval/results.json threshold: give --threshold")
+            raise app.UsageError(f"{FLAGS.model} has no evaluation threshold (neither eval/results.json nor "
+                                 "metrics.json with a benchmark): give --threshold")
         faces = []
         for path in argv[1:]:
             try:
@@ -80,7 +85,7 @@ def main(argv: list[str]) -> int:
 def run_main() -> None:
     """The console script (and `python -m`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up notices hide the progress line
-    define_flags()
+    define_command_flags(define_flags, __doc__)
     app.run(main)
 
 

@@ -18,6 +18,7 @@ import sys
 
 from absl import app, flags
 
+from mvcom_tf.cli import define_command_flags
 from mvcom_tf.evaluation.benchmark_spec import KINDS, parse_benchmark
 
 FLAGS = flags.FLAGS
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> int:
 def run_main() -> None:
     """The console script (and `python -m`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (in main)
-    define_flags()
+    define_command_flags(define_flags, __doc__)
     app.run(main)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from mvcom_tf.losses.margins import identity_loss
+from mvcom_tf.losses.margins import identity_loss, wins_without_margin
 from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.sharded_head import ShardedMarginHead, sgd_update
 from mvcom_tf.training.metrics import StepOutput, StepSums, sums_of_samples
@@ -62,10 +62,11 @@ class MarginStep:
 
     def identity_losses(self, embeddings: tf.Tensor, labels: tf.Tensor,
                         margins: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Per-sample margin losses of this replica's samples, and whether each one's class scored highest."""
+        """Per-sample margin losses of this replica's samples, and whether each one's class scores highest
+        without its margin."""
         logits = self.head(embeddings, labels, margins)
-        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
-        return identity_loss(logits, labels), correct
+        plain_target = self.head.scale * self.head.target_cosine(embeddings, labels)
+        return identity_loss(logits, labels), wins_without_margin(logits, labels, plain_target)
 
     def losses_and_gradients(self, images, labels, margins):
         """Per-sample losses, correctness, the gradients of the global-batch mean (backbone, then head

@@ -9,13 +9,13 @@ pairs and exports a SavedModel under runs/demo/.
 
 from __future__ import annotations
 
-import functools
 import os
 import posixpath
 import sys
 
 from absl import app, flags, logging
 
+from mvcom_tf.cli import define_command_flags, exit_now
 from mvcom_tf.config import TrainConfig
 from mvcom_tf.config_flags import DEMO_FLAGFILE, config_from_flags, define_flags, flag_sources
 
@@ -62,6 +62,7 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
     logging.info("every other flag has its default (python -m mvcom_tf.train --helpfull)")
     _configure_devices(config)
     from mvcom_tf.data.tfrecord import DatasetError  # TensorFlow starts here, after the device configuration
+    from mvcom_tf.stages.build import build_stage, summarise_run
     from mvcom_tf.training import distribute, faults, loop
 
     try:
@@ -72,7 +73,7 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
             tf.io.gfile.makedirs(config.model_dir)
             with tf.io.gfile.GFile(posixpath.join(config.model_dir, "flags.txt"), "w") as f:
                 f.write(FLAGS.flags_into_string())
-        metrics = loop.run(config)
+        metrics = loop.run(config, build_stage, summarise_run)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -103,9 +104,9 @@ def run_main() -> None:
     # TensorFlow's C++ logging repeats harmless start-up and tf.data notices that hide the
     # progress lines; Python exceptions still show. Set TF_CPP_MIN_LOG_LEVEL to see them.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    define_flags(FLAGS)
+    define_command_flags(lambda: define_flags(FLAGS), __doc__)
     argv = with_demo_unless_data(sys.argv)
-    app.run(functools.partial(main, command=tuple(argv[1:])), argv=argv)
+    app.run(lambda args: exit_now(main(args, command=tuple(argv[1:]))), argv=argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ DEMO = f"--flagfile={REPO}/flags/demo.cfg"
 TINY = [DEMO, "--backbone=iresnet18", "--width_multiplier=0.125", "--embedding_size=16", "--batch_size=16",
         "--stage=pretrain", "--log_every=2"]
 NUM_IDS, BATCH, META, SIZE, ETA = 6, 8, 8, 16, 0.5
+CONTRASTIVE_SCALE = 4.0
 
 
 def run_module(args, cwd=REPO, timeout=600, env=None):
@@ -47,7 +48,8 @@ def final_weights(run_dir, step):
 def make_batches(seed=0):
     rng = np.random.default_rng(seed)
     batch = {"image": rng.normal(size=(BATCH, SIZE, SIZE, 3)), "identity": rng.integers(0, NUM_IDS, BATCH)}
-    meta = {"image": rng.normal(size=(META, SIZE, SIZE, 3))}
+    # P x K identities in V (K = 2), each replica's half holding whole pairs: the verification objective's batch.
+    meta = {"image": rng.normal(size=(META, SIZE, SIZE, 3)), "identity": np.arange(META) // 2}
     for factor in schema.FACTORS:
         batch[factor] = rng.integers(0, schema.NUM_CLASSES[factor], BATCH)
         labels = rng.integers(0, schema.NUM_CLASSES[factor], META)
@@ -81,12 +83,14 @@ def small_backbone(sync_bn):
     return keras.Model(inputs, outputs)
 
 
-def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False, sharded=False):
+def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False, sharded=False,
+          objective="variation"):
     """The meta step (mvcom_tf.stages.build's wiring) around a small backbone, in float64 under the float64 fixture;
     `sharded`: its identity centres split over the replicas (the same initial values)."""
     config = TrainConfig(batch_size=BATCH, meta_batch_size=META, embedding_size=8, meta_lr_tau=tau, meta_inner_lr=ETA,
                          residual_max=1e9, meta_scope=scope, factor_weights=weights, meta_sampling="random",
-                         variation_lr=0.1, momentum=0.9, weight_decay=0.0)
+                         variation_lr=0.1, momentum=0.9, weight_decay=0.0, meta_objective=objective,
+                         meta_images_per_identity=2, scale=CONTRASTIVE_SCALE)
     keras.utils.set_random_seed(1)
     with strategy.scope():
         backbone = small_backbone(sync_bn)

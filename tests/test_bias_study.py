@@ -101,8 +101,9 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     first = run_module(["-m", "benchmarks.bias", "--quick", f"--out_dir={out_dir}"], timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads(first.stdout.strip().splitlines()[-1])
-    assert report["seeds"] == [0, 1] and report["minutes"] > 0
-    arms = ("prior", "oracle", "mvcom_hard", "mvcom_random")
+    assert report["seeds"] == [0, 1] and report["minutes"] > 0 and report["data"] == "headroom"
+    assert report["made_by"]["train"]["occluder_opacity"] == synthetic.HEADROOM_STYLE["occluder_opacity"]
+    arms = ("prior", "oracle", "resample", "mvcom_variation", "mvcom_verification")
     assert set(report["arms"]) == set(arms)
     for arm in arms:
         entry = report["arms"][arm]
@@ -122,11 +123,16 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     pairs = read_pairs(str(out_dir / "data" / "test" / "pairs.csv"))
     assert report["min_pairs_per_group"] == min(int(np.sum(pairs[f] == c)) for f in schema.FACTORS
                                                 for c in range(schema.NUM_CLASSES[f]))
-    assert "tail_correlation_summed" in report["mechanism"]["mvcom_hard"]
+    for arm in ("mvcom_variation", "mvcom_verification"):
+        assert "tail_correlation_summed" in report["mechanism"][arm]
+        assert set(report["meta_signal"][arm]) == {*schema.FACTORS, "any"}
+        assert {"corr", "corr_ci", "tail_mean", "head_mean"} <= set(report["meta_signal"][arm]["any"])
+    assert "--meta_objective=verification" in open(out_dir / "seed0" / runs["mvcom_verification"] / "flags.txt").read()
+    assert "--train_sampling=balanced" in open(out_dir / "seed0" / runs["resample"] / "flags.txt").read()
     assert (out_dir / "bias_differences.png").stat().st_size > 10_000
     # A killed study resumes: only the run without metrics.json trains again.
     kept = out_dir / "seed1" / runs["prior"] / "metrics.json"
-    removed = out_dir / "seed1" / runs["mvcom_random"] / "metrics.json"
+    removed = out_dir / "seed1" / runs["mvcom_verification"] / "metrics.json"
     kept_time = os.path.getmtime(kept)
     os.remove(removed)
     second = run_module(["-m", "benchmarks.bias", "--quick", f"--out_dir={out_dir}"], timeout=900)
@@ -134,3 +140,36 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     assert "1 runs trained in this invocation" in second.stdout
     assert removed.exists() and os.path.getmtime(kept) == kept_time
     assert json.loads(second.stdout.strip().splitlines()[-1])["arms"]["oracle"] == report["arms"]["oracle"]
+
+
+def test_quick_meta_signal_probe_reports_tail_correlations(tmp_path):
+    result = run_module(["-m", "benchmarks.meta_signal", "--quick", f"--out_dir={tmp_path}", "--batches=6",
+                         "--head_steps=4"], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["objectives"]) == {"variation", "verification"} and report["batches"] == 6
+    for figures in report["objectives"].values():
+        assert set(figures) == {*schema.FACTORS, "any"}
+        for entry in figures.values():
+            assert {"corr", "corr_ci", "tail_mean", "head_mean", "tail_se", "head_se"} <= set(entry)
+            if entry["corr"] is not None and entry["batches"] > 1:
+                low, high = entry["corr_ci"]
+                assert -1 <= low <= entry["corr"] <= high <= 1
+    assert "corr" in result.stdout.splitlines()[0]  # the readable table comes before the JSON
+
+
+def test_probe_statistics_match_numpy():
+    from benchmarks.meta_signal import tail_statistics
+
+    rng = np.random.default_rng(1)
+    batch = np.repeat(np.arange(6), 20)
+    tail = rng.random(120) < 0.3
+    updates = rng.normal(size=120) + 0.5 * tail
+    figures = tail_statistics(updates, tail, np.ones(120, bool), batch)
+    per_batch = [np.corrcoef(updates[batch == b], tail[batch == b].astype(float))[0, 1] for b in range(6)]
+    mean, low, high = paired_interval(per_batch)
+    np.testing.assert_allclose([figures["corr"], *figures["corr_ci"]], [mean, low, high], rtol=1e-5)
+    tail_means = [updates[(batch == b) & tail].mean() for b in range(6)]
+    np.testing.assert_allclose(figures["tail_mean"], np.mean(tail_means), rtol=1e-5)
+    np.testing.assert_allclose(figures["tail_se"], np.std(tail_means, ddof=1) / np.sqrt(6), rtol=1e-5)
+    assert figures["batches"] == 6 and figures["tail_samples"] == int(tail.sum())

@@ -31,8 +31,8 @@ def test_the_defaults_are_the_papers_and_the_demo_is_a_flagfile():
         "iresnet100", 1.0, 512, 64.0)
     assert (config.stage, config.eval_data, config.meta_data, config.image_size) == (("pretrain",), (), "", 112)
     demo = parse_config([DEMO])
-    assert (demo.width_multiplier, demo.embedding_size, demo.scale, demo.image_size) == (0.25, 128, 32.0, 32)
-    assert demo.stage == ("pretrain", "meta") and demo.eval_data == ("data/synthetic/test",)
+    assert (demo.width_multiplier, demo.embedding_size, demo.scale, demo.image_size) == (0.25, 128, 16.0, 32)
+    assert demo.stage == ("pretrain", "finetune", "meta") and demo.eval_data == ("data/synthetic/test",)
     assert demo.meta_lr_steps == () and (demo.checkpoint_every, demo.log_every) == (200, 20)
     demo_file = f"--flagfile={DEMO_FLAGFILE}"
     assert with_demo_unless_data(["mvcom-train"]) == ["mvcom-train", demo_file]

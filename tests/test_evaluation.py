@@ -1,5 +1,6 @@
 """Evaluation protocols: 10-fold accuracy by hand, the safe .bin loader, LFW/RFW parsing, IJB aggregation."""
 
+import json
 import os
 import pickle
 
@@ -142,3 +143,19 @@ def test_ijb_aggregation_and_tar_match_numpy(tmp_path):
         allowed = [np.mean(a[labels]) for a in accepted if np.mean(a[~labels]) <= float(far_text)]
         assert tar == pytest.approx(max(allowed, default=0.0), abs=1e-6)
     assert scored.result["num_templates"] == 4 and scored.result["protocol"] == "ijbc"
+
+
+def test_compare_threshold_comes_from_the_models_own_evaluation(tmp_path):
+    from mvcom_tf.evaluation.photos import model_threshold
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert model_threshold(str(run)) is None  # then embed --compare asks for --threshold
+    # A training run's evaluation after its last stage (--eval_data): metrics.json's benchmarks.
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "benchmarks": {
+        "synthetic:test": {"accuracy": 0.9, "global_threshold": 0.31, "threshold": 0.33}}}))
+    assert model_threshold(str(run)) == 0.31
+    # mvcom_tf.evaluate's own results take precedence: the model was evaluated again since.
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps({"bin:lfw": {"accuracy": 0.99, "threshold": 0.27}}))
+    assert model_threshold(str(run)) == 0.27

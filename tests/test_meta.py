@@ -6,10 +6,11 @@ import pytest
 import tensorflow as tf
 
 from mvcom_tf.data import schema
+from mvcom_tf.losses.contrastive import class_balanced_sums, contrastive_losses
 from mvcom_tf.losses.margins import class_aware_margins
 from mvcom_tf.training.distribute import make_strategy
 from mvcom_tf.meta.sampling import select_meta_batch
-from tests.helpers import BATCH, ETA, META, build, make_batches
+from tests.helpers import BATCH, CONTRASTIVE_SCALE, ETA, META, build, make_batches
 
 
 def residuals_under(strategy, meta_step, batch, meta):
@@ -34,9 +35,9 @@ def residuals_under(strategy, meta_step, batch, meta):
     return np.concatenate([r.numpy() for r in strategy.experimental_local_results(run(local_batch, local_meta))])
 
 
-def variation_losses_after_pseudo_update(meta_step, batch, meta, margins):
+def features_after_pseudo_update(meta_step, batch, meta, margins):
     """Independent reference: copy the weights into a fresh network, take a real SGD step with
-    variable assignments, then the variation losses on V (unknown labels excluded by hand)."""
+    variable assignments, then V's features (numpy)."""
     source = meta_step.margin_step
     clone = keras.models.clone_model(source.backbone)
     clone.set_weights(source.backbone.get_weights())
@@ -46,10 +47,15 @@ def variation_losses_after_pseudo_update(meta_step, batch, meta, margins):
     variables = [v for v, m in zip(clone.trainable_variables, meta_step.pseudo_mask) if m]
     for variable, gradient in zip(variables, tape.gradient(loss, variables)):
         variable.assign_sub(ETA * gradient)
-    features = clone(meta["image"], training=True)
+    return clone(meta["image"], training=True).numpy()
+
+
+def variation_losses_after_pseudo_update(meta_step, batch, meta, margins):
+    """The variation losses on V after the reference pseudo update (unknown labels excluded by hand)."""
+    features = features_after_pseudo_update(meta_step, batch, meta, margins)
     losses = {}
     for factor, layer in meta_step.heads.classifiers.items():
-        logits = (features.numpy() @ layer.kernel.numpy() + layer.bias.numpy())
+        logits = (features @ layer.kernel.numpy() + layer.bias.numpy())
         logits -= logits.max(axis=1, keepdims=True)
         log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         labels = meta[factor].numpy()
@@ -77,6 +83,73 @@ def test_residual_update_is_minus_tau_times_the_finite_difference(float64, strat
             derivative = (plus[factor] - minus[factor]) / (2 * epsilon)
             assert abs(derivative) > 1e-8, (factor, j)  # a real signal, not 0 = 0
             assert residuals[j, k] == pytest.approx(-derivative, rel=1e-4), (factor, j)
+
+
+def supervised_contrastive(features, identities, scale):
+    """Loop reference of the per-anchor supervised contrastive loss."""
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    logits = scale * unit @ unit.T
+    losses = []
+    for i in range(len(features)):
+        others = [j for j in range(len(features)) if j != i]
+        denominator = np.log(np.sum(np.exp(logits[i, others])))
+        positives = [p for p in others if identities[p] == identities[i]]
+        losses.append(-np.mean([logits[i, p] - denominator for p in positives]) if positives else 0.0)
+    return np.array(losses)
+
+
+def class_balanced(per_sample, labels, factor):
+    """Mean over the factor's classes present (unknown labels in none) of the mean loss in each class."""
+    present = sorted({int(label) for label in labels if label >= 0})
+    return np.mean([per_sample[labels == c].mean() for c in present])
+
+
+def verification_objective_after_pseudo_update(meta_step, batch, meta, margins, replicas):
+    """Each replica's half of V scored on its own (positives within it), the classes balanced over all of V."""
+    features = features_after_pseudo_update(meta_step, batch, meta, margins)
+    identities = meta["identity"].numpy()
+    n = META // replicas
+    per_sample = np.concatenate([supervised_contrastive(features[r * n:(r + 1) * n], identities[r * n:(r + 1) * n],
+                                                        CONTRASTIVE_SCALE) for r in range(replicas)])
+    return {factor: class_balanced(per_sample, meta[factor].numpy(), factor) for factor in schema.FACTORS}
+
+
+@pytest.mark.parametrize("strategy_name,scope,sync_bn", [("default", "head", False), ("mirrored", "all", True)])
+def test_verification_objective_residual_is_minus_tau_times_the_finite_difference(float64, strategy_name, scope,
+                                                                                  sync_bn):
+    strategy = make_strategy(strategy_name)
+    # Two replicas: synchronised BatchNorm, so that each normalises with the whole batch as the reference does.
+    meta_step = build(strategy, scope=scope, tau=1.0, objective="verification", sync_bn=sync_bn)
+    batch, meta = make_batches()
+    residuals = residuals_under(strategy, meta_step, batch, meta)
+    prior = meta_step.margin_step.margins(batch).numpy()
+    epsilon = 1e-4
+    replicas = strategy.num_replicas_in_sync
+    for j in (0, 5):
+        up, down = prior.copy(), prior.copy()
+        up[j] += epsilon
+        down[j] -= epsilon
+        plus = verification_objective_after_pseudo_update(meta_step, batch, meta, up, replicas)
+        minus = verification_objective_after_pseudo_update(meta_step, batch, meta, down, replicas)
+        for k, factor in enumerate(schema.FACTORS):
+            derivative = (plus[factor] - minus[factor]) / (2 * epsilon)
+            assert abs(derivative) > 1e-8, (factor, j)
+            assert residuals[j, k] == pytest.approx(-derivative, rel=1e-4), (factor, j)
+    # The factors weigh V's samples differently, so their residuals differ (one loss would give equal columns).
+    assert np.max(np.abs(residuals[:, 0] - residuals[:, 1])) > 1e-8
+
+
+def test_contrastive_losses_and_class_balancing_match_loops(float64):
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(10, 5))
+    identities = np.array([0, 0, 1, 1, 1, 2, 2, 3, 4, 4])  # identity 3 has no positive: loss 0
+    losses = contrastive_losses(tf.constant(features), tf.constant(identities), 3.0).numpy()
+    np.testing.assert_allclose(losses, supervised_contrastive(features, identities, 3.0), rtol=1e-10)
+    assert losses[7] == 0.0
+    labels = {factor: tf.constant(rng.integers(-1, 3, 10), tf.int32) for factor in schema.FACTORS}
+    sums = class_balanced_sums(tf.constant(losses), labels)
+    for factor in schema.FACTORS:
+        assert float(sums[factor]) == pytest.approx(class_balanced(losses, labels[factor].numpy(), factor), rel=1e-12)
 
 
 def test_unknown_labels_give_zero_loss_and_zero_residual(float64):
@@ -149,3 +222,7 @@ def test_hard_sampling_picks_what_brute_force_scoring_picks():
     brute = sorted(range(40), key=lambda i: (-score(i), i))[:10]
     assert list(chosen) == brute
     assert list(select_meta_batch(pool, train, keep=10, rule="random")["image"].numpy()) == list(range(10))
+    # Runs of K = 4 (one identity each) are kept whole, ranked by their images' mean score.
+    groups = select_meta_batch(pool, train, keep=12, rule="hard", group_size=4)["image"].numpy()
+    ranked = sorted(range(10), key=lambda g: (-np.mean([score(4 * g + i) for i in range(4)]), g))[:3]
+    assert list(groups) == [4 * g + i for g in ranked for i in range(4)]

@@ -19,7 +19,7 @@ from tests.helpers import REPO, TINY, data_flags, final_weights, run_module
 @pytest.mark.parametrize("flag,expected", [
     ("--backbone=iresnet99", "flag --backbone=iresnet99"),
     ("--image_size=40", "--image_size must be divisible by 16"),
-    ("--stage=pretrain,finetune", "--stage must list some of pretrain, meta"),
+    ("--stage=pretrain,warmup", "--stage must list some of pretrain, finetune, meta"),
 ])
 def test_bad_flags_exit_with_a_message_naming_the_flag(tmp_path, flag, expected):
     result = run_module(["-m", "mvcom_tf.train", flag, f"--model_dir={tmp_path}/run"])

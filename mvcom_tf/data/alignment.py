@@ -49,6 +49,12 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.concatenate([scale * rotation, translation[:, None]], axis=1)
 
 
+def looks_aligned(image: np.ndarray, model_size: int) -> bool:
+    """Whether a photo is already an aligned face crop: square, at the model's input size or insightface's 112 px
+    (what `evaluate` and `embed` then take as it is instead of detecting a face in it)."""
+    return image.shape[0] == image.shape[1] and image.shape[0] in (model_size, ALIGNED_SIZE)
+
+
 def alignment_transform(landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
     """The 8 numbers ImageProjectiveTransformV3 takes (output pixel -> input pixel) to align a face of
     these 5 landmarks onto the ArcFace reference scaled to `size`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import schema
@@ -60,6 +61,9 @@ class DecodeFailures:
             return tf.identity(ok)
 
 
+_KEEP_SEED = 7_919  # the draws of balanced sampling: a stream apart from the augmentation's
+
+
 def _element_seed(seed: int, epoch: int, index: tf.Tensor) -> tf.Tensor:
     # Stateless seeds keyed by (seed, epoch, position) make an epoch's augmentation a pure
     # function of where it is read, so a resumed run sees exactly what an uninterrupted one saw.
@@ -75,6 +79,30 @@ def random_flip(features: dict[str, tf.Tensor], element_seed: tf.Tensor) -> dict
     features["pose"] = tf.where(flip, schema.flip_pose(features["pose"]), features["pose"])
     features["yaw"] = tf.where(flip, -features["yaw"], features["yaw"])
     return features
+
+
+def balanced_acceptance(histograms: dict[str, list[int]]):
+    """For --train_sampling=balanced: a record's probability of being kept, from its variation labels.
+
+    Each factor k gives a class c the weight 1 / (K_k p_k(c)) (p_k: the split's label frequencies);
+    a record is kept with probability mean_k w_k(c_k) / max. The kept stream is the mixture over
+    factors of "draw a factor, then a class of it uniformly": every class of every factor is
+    represented, the tail ones many times more often than in the natural stream. An unknown label
+    weighs 1. Costs a read of about max / mean records per record kept.
+    """
+    tables, ceiling = [], 0.0
+    for factor in schema.FACTORS:
+        counts = np.asarray(histograms[factor], np.float64)
+        weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
+        tables.append(tf.constant(np.append(weights, 1.0), tf.float32))  # index -1: unknown
+        ceiling += max(weights.max(), 1.0) / len(schema.FACTORS)  # 1: a factor no record is labelled with
+
+    def probability(features: dict[str, tf.Tensor]) -> tf.Tensor:
+        weight = tf.add_n([tf.gather(table, tf.where(features[factor] >= 0, features[factor], len(table) - 1))
+                           for table, factor in zip(tables, schema.FACTORS)])
+        return weight / len(schema.FACTORS) / ceiling
+
+    return probability
 
 
 def _read_and_decode(serialized: tf.Tensor, image_size: int) -> dict[str, tf.Tensor]:
@@ -100,11 +128,16 @@ def train_dataset(
     failures: DecodeFailures | None = None,
     shuffle_buffer: int = 20_000,
     augment=None,
+    keep_probability=None,
+    group_size: int = 1,
 ) -> tf.data.Dataset:
     """One epoch's batches (repeated if decode failures shorten it) for one input pipeline.
 
     `batch_size` is this pipeline's batch (per replica under distribute_datasets_from_function).
     `skip_records` resumes mid-epoch: the order and augmentation are those of an uninterrupted run.
+    `keep_probability` (balanced_acceptance): records are kept at random with that probability.
+    `group_size` K > 1: batches are runs of K images of one identity (P x K batches for the verification
+    meta objective); `batch_size` must be a multiple of K.
     """
     files = tf.data.Dataset.from_tensor_slices(shard_paths(data_dir, info))
     files = files.shuffle(len(info.shards), seed=seed + epoch, reshuffle_each_iteration=False)
@@ -119,7 +152,16 @@ def train_dataset(
     if records == "shard":
         dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     dataset = dataset.shuffle(shuffle_buffer, seed=seed + epoch, reshuffle_each_iteration=False)
-    dataset = dataset.enumerate().repeat().skip(skip_records)
+    if keep_probability is None:
+        dataset = dataset.enumerate().repeat().skip(skip_records)
+    else:
+        # Numbered after the repeat, so each pass draws anew; skipped after the draw, so a resumed
+        # run skips the records an uninterrupted one kept.
+        def keep(index, serialized):
+            draw = tf.random.stateless_uniform([], seed=_element_seed(seed + _KEEP_SEED, epoch, index))
+            return draw < keep_probability(schema.parse_record(serialized))
+
+        dataset = dataset.repeat().enumerate().filter(keep).skip(skip_records)
 
     def prepare(index, serialized):
         features = _read_and_decode(serialized, image_size)
@@ -132,6 +174,12 @@ def train_dataset(
     dataset = dataset.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     failures = failures or DecodeFailures()
     dataset = dataset.filter(failures.keep)
+    if group_size > 1:
+        if batch_size % group_size:
+            raise ValueError(f"a batch of {batch_size} images does not hold whole groups of {group_size}")
+        dataset = dataset.group_by_window(lambda features: tf.cast(features["identity"], tf.int64),
+                                          lambda _, group: group.batch(group_size, drop_remainder=True),
+                                          window_size=group_size).unbatch()
     dataset = dataset.batch(batch_size, drop_remainder=True)
     dataset = dataset.map(lambda f: {**f, "image": normalize_images(f["image"])})
     options = tf.data.Options()

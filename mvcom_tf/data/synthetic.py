@@ -69,6 +69,25 @@ class SplitConfig:
     # test, val: clean anchor images per identity; each probe image is paired with every anchor
     # (a positive) and with the same anchor index of another identity of the group (a negative).
     pair_anchors: int = 1
+    # How the variations are drawn (every split of a data set uses the same): the demo's remove
+    # identity evidence; the headroom data's (headroom_configs) keep it.
+    occluder_opacity: float = 1.0
+    far_side_fades: bool = True
+    blur_scale: float = 1.0
+
+    @property
+    def style(self) -> "Style":
+        return Style(self.occluder_opacity, self.far_side_fades, self.blur_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """How a variation alters a face: an occluder's opacity (1: hides what is under it), whether the side
+    of a turned head fades out (True: large yaw hides half the face), and a factor on the blur sigmas."""
+
+    occluder_opacity: float = 1.0
+    far_side_fades: bool = True
+    blur_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,13 +181,13 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def render_face(identity: Identity, yaw: float, occlusion: int, blur: int, size: int,
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator, style: Style = Style()) -> np.ndarray:
     """Renders one face as uint8 [size, size, 3]."""
-    return render_face_with_landmarks(identity, yaw, occlusion, blur, size, rng)[0]
+    return render_face_with_landmarks(identity, yaw, occlusion, blur, size, rng, style)[0]
 
 
 def render_face_with_landmarks(identity: Identity, yaw: float, occlusion: int, blur: int, size: int,
-                               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                               rng: np.random.Generator, style: Style = Style()) -> tuple[np.ndarray, np.ndarray]:
     """Renders one face, and where its 5 landmarks were drawn: [5, 2] pixel (x, y) of the image-left and
     image-right eye centres, the nose tip, the image-left and image-right mouth corners (ArcFace's order)."""
     p = identity.params
@@ -188,7 +207,7 @@ def render_face_with_landmarks(identity: Identity, yaw: float, occlusion: int, b
 
     def far_side_visibility(x: float) -> float:
         # A feature on the side turning away fades out as the yaw grows past about 45 degrees.
-        if x * sin_t >= 0:
+        if x * sin_t >= 0 or not style.far_side_fades:
             return 1.0
         return float(np.clip((cos_t - 0.45) / 0.35, 0.0, 1.0))
 
@@ -231,8 +250,8 @@ def render_face_with_landmarks(identity: Identity, yaw: float, occlusion: int, b
         away = np.clip(-np.sign(sin_t) * (canvas.x - face_x) / face_w, 0.0, 1.0)
         canvas.shade(away * face, 1.0 - 0.45 * abs(sin_t))
 
-    _occlude(canvas, occlusion, p, at, face_w, rng)
-    image = _gaussian_blur(canvas.image, BLUR_SIGMA_AT_64[blur] * size / 64.0)
+    _occlude(canvas, occlusion, p, at, face_w, rng, style.occluder_opacity)
+    image = _gaussian_blur(canvas.image, style.blur_scale * BLUR_SIGMA_AT_64[blur] * size / 64.0)
     image = image + rng.normal(0.0, 3.0, image.shape)
     mouth_half = p["mouth_w"] * zoom * (0.5 + 0.5 * cos_t)
     points = np.array([at(-p["eye_x"], p["eye_y"], 0.6), at(p["eye_x"], p["eye_y"], 0.6), (tip_x, tip_y),
@@ -241,27 +260,28 @@ def render_face_with_landmarks(identity: Identity, yaw: float, occlusion: int, b
     return np.clip(np.round(image), 0, 255).astype(np.uint8), (points + 1.0) / 2.0 * size - 0.5
 
 
-def _occlude(canvas: _Canvas, occlusion: int, p: dict, at, face_w: float, rng: np.random.Generator) -> None:
+def _occlude(canvas: _Canvas, occlusion: int, p: dict, at, face_w: float, rng: np.random.Generator,
+             opacity: float) -> None:
     if occlusion == 0:
         return
     if occlusion == 1:  # eyes band (sunglasses)
         x, y = at(0.0, p["eye_y"], 0.6)
         band = ((np.abs(canvas.y - y) < 0.11) & (np.abs(canvas.x - x) < face_w * 1.05)).astype(float)
-        canvas.paint(band, rng.uniform(10, 50, 3))
+        canvas.paint(band, rng.uniform(10, 50, 3), opacity)
     elif occlusion == 2:  # lower face (mask)
         x, y = at(0.0, 0.42, 0.7)
         mask = canvas.ellipse(x, y, face_w * 1.02, 0.36) * (canvas.y > p["eye_y"] + 0.14)
-        canvas.paint(mask, rng.uniform([150, 170, 190], [230, 240, 255]))
+        canvas.paint(mask, rng.uniform([150, 170, 190], [230, 240, 255]), opacity)
     elif occlusion == 3:  # left or right half
         side = 1.0 if rng.random() < 0.5 else -1.0
         x, _ = at(0.0, 0.0, 0.8)
         half = ((canvas.x - x) * side > -0.02).astype(float) * (np.abs(canvas.y) < 0.95)
-        canvas.paint(half, rng.uniform(40, 200, 3))
+        canvas.paint(half, rng.uniform(40, 200, 3), opacity)
     elif occlusion == 4:  # random object patch
         w, h = rng.uniform(0.3, 0.5, 2)
         x, y = rng.uniform(-0.35, 0.35), rng.uniform(-0.35, 0.45)
         patch = ((np.abs(canvas.x - x) < w / 2) & (np.abs(canvas.y - y) < h / 2)).astype(float)
-        canvas.paint(patch, rng.uniform(0, 255, 3))
+        canvas.paint(patch, rng.uniform(0, 255, 3), opacity)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -390,7 +410,7 @@ def _render(split: str, config: SplitConfig, planned: _Planned, identities: dict
     low, high = POSE_YAW_RANGE[planned.pose]
     yaw = float(rng.uniform(low, high)) if planned.pose != 3 else float(rng.uniform(-12, 12))
     image = render_face(identities[planned.global_id], yaw, planned.occlusion, planned.blur,
-                        config.image_size, rng)
+                        config.image_size, rng, config.style)
     return schema.FaceRecord(
         image=encode_png(image), identity=planned.local_id, pose=planned.pose,
         occlusion=planned.occlusion, blur=planned.blur, ethnicity=planned.group,
@@ -431,9 +451,6 @@ def _write_pairs(path: str, pairs) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
-
-
-
 def demo_configs(image_size: int = 32, seed: int = 0) -> dict[str, SplitConfig]:
     """The splits of the CPU demo: long-tailed train, balanced meta, pair-balanced test."""
     return {
@@ -441,6 +458,22 @@ def demo_configs(image_size: int = 32, seed: int = 0) -> dict[str, SplitConfig]:
         "meta": SplitConfig(num_identities=80, image_size=image_size, seed=seed),
         "test": SplitConfig(num_identities=160, image_size=image_size, seed=seed),
     }
+
+
+# The headroom data (benchmarks/bias.py --data=headroom): every tail class of pose, occlusion and blur
+# at 1% of the training images, and variations that keep the identity evidence, so that what hurts
+# the tail is its rarity, not lost information (METHOD.md, "Headroom"). Chosen on val: docs/bias_study.md.
+HEADROOM_TRAIN = dict(pose_probs=(0.01, 0.01, 0.01, 0.94, 0.01, 0.01, 0.01),
+                      occlusion_probs=(0.96, 0.01, 0.01, 0.01, 0.01), blur_probs=(0.97, 0.01, 0.01, 0.01))
+HEADROOM_STYLE = dict(occluder_opacity=0.5, far_side_fades=False, blur_scale=0.5)
+
+
+def headroom_configs(image_size: int = 32, seed: int = 0, **style) -> dict[str, SplitConfig]:
+    """The demo's splits with the headroom data's tail frequencies (train) and identity-keeping style (all);
+    `style` overrides HEADROOM_STYLE's knobs."""
+    knobs = {**HEADROOM_STYLE, **style}
+    return {split: dataclasses.replace(config, **knobs, **(HEADROOM_TRAIN if split == "train" else {}))
+            for split, config in demo_configs(image_size, seed).items()}
 
 
 def write_demo_data(root: str, image_size: int = 32, seed: int = 0) -> dict[str, DatasetInfo]:

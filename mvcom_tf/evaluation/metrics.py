@@ -65,3 +65,14 @@ def paired_interval(differences) -> tuple[float, float, float]:
     df = len(values) - 1
     half = (_T_975[df - 1] if df <= len(_T_975) else 1.96) * float(values.std(ddof=1)) / np.sqrt(len(values))
     return mean, mean - half, mean + half
+
+
+def result_difference(result: dict, baseline: dict) -> dict:
+    """`result` minus `baseline` (two evaluations of one benchmark): accuracy, and per factor (synthetic kind)
+    the worst group's accuracy, with both values."""
+    difference = {"accuracy": {"value": result["accuracy"], "baseline": baseline["accuracy"],
+                               "difference": result["accuracy"] - baseline["accuracy"]}}
+    for factor, figures in result.get("factors", {}).items():
+        value, base = figures["worst_accuracy"], baseline["factors"][factor]["worst_accuracy"]
+        difference[f"{factor}_worst"] = {"value": value, "baseline": base, "difference": value - base}
+    return difference

@@ -69,7 +69,16 @@ class FaceEmbedder:
                 images[index] = read_rgb(path)
             except (ImageProblem, OSError, tf.errors.NotFoundError) as problem:
                 photos[index] = Photo(path, problem=problem)
-        for (index, image), found in zip(images.items(), main_faces(self.detector, list(images.values()))):
+        # An aligned crop (as evaluate's pairs kind takes it) is used as it is: its "detection" is the whole
+        # image with the reference landmarks.
+        aligned = {index: image for index, image in images.items() if alignment.looks_aligned(image, self.image_size)}
+        for index, image in aligned.items():
+            size = image.shape[0]
+            reference = alignment.ARCFACE_REFERENCE * (size / alignment.ALIGNED_SIZE)
+            found = Face((0.0, 0.0, float(size), float(size)), 1.0, reference)
+            photos[index] = Photo(paths[index], alignment.align_face(image, reference, self.image_size).numpy(), found)
+        pending = {index: image for index, image in images.items() if index not in aligned}
+        for (index, image), found in zip(pending.items(), main_faces(self.detector, list(pending.values()))):
             if found is not None:
                 face = alignment.align_face(image, found.landmarks, self.image_size).numpy()
                 photos[index] = Photo(paths[index], face, found)
@@ -113,13 +122,16 @@ def embed_folder(embedder: FaceEmbedder, paths: list[str], output: str) -> dict:
 
 
 def model_threshold(model: str) -> float | None:
-    """The cosine threshold of the model's own evaluation, if it has one (its first benchmark that gives one)."""
-    path = posixpath.join(model, "eval", "results.json")
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        for result in json.load(f).values():
-            for key in ("global_threshold", "threshold"):
-                if key in result:
-                    return float(result[key])
+    """The cosine threshold of the model's own evaluation, if it has one: `mvcom_tf.evaluate`'s
+    (<model>/eval/results.json), else the one a training run made after its last stage
+    (<model>/metrics.json); the first benchmark that gives a threshold."""
+    for path, benchmarks in ((posixpath.join(model, "eval", "results.json"), lambda data: data),
+                             (posixpath.join(model, "metrics.json"), lambda data: data.get("benchmarks", {}))):
+        if not tf.io.gfile.exists(path):
+            continue
+        with tf.io.gfile.GFile(path) as f:
+            for result in benchmarks(json.load(f)).values():
+                for key in ("global_threshold", "threshold"):
+                    if key in result:
+                        return float(result[key])
     return None

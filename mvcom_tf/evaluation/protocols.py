@@ -118,7 +118,7 @@ def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray 
             except (images.ImageProblem, tf.errors.NotFoundError) as problem:
                 unreadable[paths[index]] = f"{paths[index]}: {problem}"
                 continue
-            if not (image.shape[0] == image.shape[1] and image.shape[0] in (image_size, alignment.ALIGNED_SIZE)):
+            if not alignment.looks_aligned(image, image_size):
                 pending[index] = image
         for index, face in zip(pending, main_faces(detector, list(pending.values()))):
             if face is None:

@@ -6,10 +6,17 @@ import numpy as np
 import tensorflow as tf
 
 
-
 def identity_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """Per-sample softmax cross-entropy [B] of scaled margin logits [B, C] against identity labels [B]."""
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+
+def wins_without_margin(logits: tf.Tensor, labels: tf.Tensor, plain_target: tf.Tensor) -> tf.Tensor:
+    """Whether each sample's class would score highest without its margin: s cos(theta_y) [B] above every other
+    class's logit in the margin logits [B, C] (training accuracy as a user reads it; the margin makes it lower)."""
+    onehot = tf.one_hot(labels, tf.shape(logits)[-1], on_value=True, off_value=False)
+    others = tf.where(onehot, tf.cast(-1e30, logits.dtype), logits)
+    return tf.cast(plain_target, logits.dtype) > tf.reduce_max(others, axis=-1)
 
 
 def class_aware_margins(images_per_identity, base: float = 0.35, power: float = 0.25,

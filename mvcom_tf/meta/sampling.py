@@ -36,10 +36,16 @@ def rarity_scores(pool_labels: dict[str, tf.Tensor], histograms: dict[str, tf.Te
 
 
 def select_meta_batch(pool: dict[str, tf.Tensor], train_labels: dict[str, tf.Tensor], keep: int,
-                      rule: str) -> dict[str, tf.Tensor]:
-    """The meta batch V: the `keep` rarest pool examples (rule `hard`, ties to the earlier) or the first `keep`."""
+                      rule: str, group_size: int = 1) -> dict[str, tf.Tensor]:
+    """The meta batch V: the `keep` rarest pool examples (rule `hard`, ties to the earlier) or the first `keep`.
+
+    With `group_size` K > 1 the pool is runs of K images of one identity, kept or left whole: a run
+    scores the mean rarity of its images.
+    """
     if rule == "random":
         return {key: value[:keep] for key, value in pool.items()}
     scores = rarity_scores(pool, label_histograms(train_labels))
-    indices = tf.math.top_k(scores, k=keep, sorted=True).indices
+    groups = tf.reduce_mean(tf.reshape(scores, [-1, group_size]), axis=1)
+    chosen = tf.math.top_k(groups, k=keep // group_size, sorted=True).indices
+    indices = tf.reshape(chosen[:, None] * group_size + tf.range(group_size)[None, :], [-1])
     return {key: tf.gather(value, indices) for key, value in pool.items()}

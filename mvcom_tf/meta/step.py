@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from mvcom_tf.data import schema
+from mvcom_tf.losses.contrastive import class_balanced_sums, contrastive_losses
 from mvcom_tf.losses.margins import variation_losses
 from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.meta.statistics import MetaSamples, MetaSums, VariationSums, residual_sums, tail_sums
@@ -35,6 +36,8 @@ from mvcom_tf.steps import MarginStep
 from mvcom_tf.training.metrics import StepOutput, StepSums, sums_of_samples
 
 META_SCOPES = ("all", "head")
+# What the residuals descend on V (step c): Eq. 13's variation losses, or our verification objective.
+META_OBJECTIVES = ("variation", "verification")
 # Faces of each replica's batch drawn with their residuals (the seed's Fig. 6) in TensorBoard.
 FIGURE_FACES = 4
 
@@ -91,9 +94,14 @@ class MetaStep:
                  heads_optimizer: keras.optimizers.Optimizer, *, tau: float, inner_lr: float, residual_max: float,
                  scope: str, factor_weights: tuple[float, ...], sampling: str, meta_batch_size: int,
                  global_meta_batch_size: int, head_classes: dict[str, int] | None = None,
-                 head_optimizer: keras.optimizers.Optimizer | None = None) -> None:
+                 head_optimizer: keras.optimizers.Optimizer | None = None, objective: str = "variation",
+                 group_size: int = 1, contrastive_scale: float = 16.0) -> None:
         if scope not in META_SCOPES:
             raise ValueError(f"unknown meta scope {scope!r}; expected one of {META_SCOPES}")
+        if objective not in META_OBJECTIVES:
+            raise ValueError(f"unknown meta objective {objective!r}; expected one of {META_OBJECTIVES}")
+        # verification: V is P identities x K images (K = group_size), scored at cosine scale contrastive_scale.
+        self.objective, self.group_size, self.contrastive_scale = objective, group_size, contrastive_scale
         self.margin_step, self.heads, self.heads_optimizer = margin_step, variation_heads, heads_optimizer
         self.tau, self.inner_lr, self.residual_max = tau, inner_lr, residual_max
         self.factor_weights = dict(zip(schema.FACTORS, factor_weights))
@@ -124,6 +132,15 @@ class MetaStep:
         per_sample = variation_losses(logits, labels)
         return {f: tf.reduce_sum(loss) / self.global_meta_batch_size for f, loss in per_sample.items()}, logits
 
+    def meta_objective(self, embeddings: tf.Tensor, meta_batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Per factor k, the loss on V whose derivative drives r^k: L_var^k (Eq. 13), or the verification
+        objective, the contrastive loss of V with every class of factor k weighted equally."""
+        labels = {factor: meta_batch[factor] for factor in schema.FACTORS}
+        if self.objective == "variation":
+            return self.variation_loss_sums(embeddings, labels)[0]
+        per_anchor = contrastive_losses(embeddings, meta_batch["identity"], self.contrastive_scale)
+        return class_balanced_sums(per_anchor, labels)
+
     def trunk_features(self, meta_batch):
         """What the meta batch needs before the pseudo-update: its trunk features (scope `head` only)."""
         return None if self.output_block is None else self.output_block.trunk_features(meta_batch["image"])
@@ -131,7 +148,7 @@ class MetaStep:
     def select(self, batch, meta_pool):
         """The meta batch V drawn from the pool by --meta_sampling against the training batch's labels."""
         labels = {factor: batch[factor] for factor in schema.FACTORS}
-        return select_meta_batch(meta_pool, labels, self.meta_batch_size, self.sampling)
+        return select_meta_batch(meta_pool, labels, self.meta_batch_size, self.sampling, self.group_size)
 
     def meta_embeddings(self, meta_batch, pseudo_weights, trunk_features):
         """The meta batch's embeddings at the pseudo-updated weights (statistics dropped)."""
@@ -149,7 +166,6 @@ class MetaStep:
         weights = [v.value for v in step.backbone.trainable_variables]
         zero = tf.zeros_like(prior)
         context = tf.distribute.get_replica_context()
-        meta_labels = {factor: meta_batch[factor] for factor in schema.FACTORS}
         with tf.GradientTape(persistent=True) as outer:
             outer.watch(zero)
             # r^k enters the margin only through sum_k r^k, so dL/dr^k = dL/d(sum): one watched zero suffices.
@@ -163,8 +179,7 @@ class MetaStep:
             if context is not None and context.num_replicas_in_sync > 1:
                 gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
             pseudo = pseudo_update(weights, gradients, self.pseudo_mask, self.eta())
-            losses, _ = self.variation_loss_sums(self.meta_embeddings(meta_batch, pseudo, trunk_features),
-                                                 meta_labels)
+            losses = self.meta_objective(self.meta_embeddings(meta_batch, pseudo, trunk_features), meta_batch)
         columns = []
         for factor in schema.FACTORS:
             weight = self.factor_weights[factor]

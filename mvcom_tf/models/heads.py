@@ -45,6 +45,14 @@ class MarginHead(keras.layers.Layer):
         kernel = self.kernel / ops.maximum(ops.norm(self.kernel, axis=0, keepdims=True), 1e-12)
         return ops.matmul(normalized, kernel)
 
+    def target_cosine(self, embeddings, labels):
+        """cos(theta_y) [B] of each embedding with its own class centre (O(B E): the centres gathered)."""
+        embeddings = ops.cast(embeddings, self.compute_dtype)
+        normalized = embeddings / ops.maximum(ops.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+        centres = ops.transpose(ops.take(self.kernel, labels, axis=1))
+        centres = centres / ops.maximum(ops.norm(centres, axis=-1, keepdims=True), 1e-12)
+        return ops.sum(normalized * centres, axis=-1)
+
     def call(self, embeddings, labels, margins):
         cosine = self.cosine(embeddings)
         margins = ops.broadcast_to(ops.cast(margins, cosine.dtype), ops.shape(labels))

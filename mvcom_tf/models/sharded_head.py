@@ -156,8 +156,8 @@ class ShardedMarginHead:
 
     def per_sample_loss(self, embeddings: tf.Tensor, labels: tf.Tensor, margins: tf.Tensor,
                         step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """This replica's samples' losses [b], whether each sample's class scored highest [b], and the
-        sampled classes (global indices) of this replica, from its local embeddings [b, E]."""
+        """This replica's samples' losses [b], whether each sample's class scores highest without its margin
+        [b], and the sampled classes (global indices) of this replica, from its local embeddings [b, E]."""
         context = tf.distribute.get_replica_context()
         shard = replica_index()
         layout = self.centres.layout
@@ -174,20 +174,20 @@ class ShardedMarginHead:
         if self.sample_count(shard) < size:  # at r = 1 the shard itself: no copy of it, nor of its gradient
             kernel = tf.gather(kernel, classes, axis=1)
         target = tf.where(local >= 0, tf.searchsorted(classes, tf.maximum(local, 0)), -1)
-        logits, positive = self.margin_logits(all_embeddings, kernel, target, all_margins)
+        logits, positive, plain_positive = self.margin_logits(all_embeddings, kernel, target, all_margins)
         peak = _maximum_over_replicas(context, tf.reduce_max(logits, axis=1))
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.exp(logits - peak[:, None]), axis=1))
-        positive = context.all_reduce(tf.distribute.ReduceOp.SUM, positive)
+        positive, plain_positive = context.all_reduce(tf.distribute.ReduceOp.SUM, [positive, plain_positive])
         others = tf.where(tf.one_hot(target, tf.shape(kernel)[1]) > 0, tf.cast(-1e30, logits.dtype), logits)
         best_other = _maximum_over_replicas(context, tf.reduce_max(others, axis=1))
         losses = tf.math.log(total) + peak - positive
         batch = tf.shape(embeddings)[0]
         mine = tf.range(shard * batch, (shard + 1) * batch)
-        return tf.gather(losses, mine), tf.gather(positive > best_other, mine), classes + start
+        return tf.gather(losses, mine), tf.gather(plain_positive > best_other, mine), classes + start
 
-    def margin_logits(self, embeddings, kernel, target, margins) -> tuple[tf.Tensor, tf.Tensor]:
+    def margin_logits(self, embeddings, kernel, target, margins) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Scaled logits [B, k] against the kept centres (the margin at each owned target), and each sample's
-        target logit where this replica owns its class (0 elsewhere)."""
+        target logit with and without its margin where this replica owns its class (0 elsewhere)."""
         normalized = embeddings / tf.maximum(tf.norm(embeddings, axis=-1, keepdims=True), 1e-12)
         # x . (w / |w|) as (x . w) / |w|: no normalised copy of the centres (nor of its gradient).
         cosine = tf.matmul(normalized, kernel) / tf.maximum(tf.norm(kernel, axis=0, keepdims=True), 1e-12)
@@ -196,7 +196,7 @@ class ShardedMarginHead:
         target_logit = margin_target(target_cos, margins, self.loss)
         logits = (cosine + onehot * (target_logit - target_cos)[:, None]) * self.scale
         owned = tf.cast(target >= 0, logits.dtype)
-        return logits, target_logit * self.scale * owned
+        return logits, target_logit * self.scale * owned, target_cos * self.scale * owned
 
 
 def replica_index() -> int:

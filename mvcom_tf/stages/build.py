@@ -9,34 +9,46 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mvcom_tf.config import Schedule, TrainConfig
+from mvcom_tf.config import FINE_TUNING_STAGES, Schedule, TrainConfig
 from mvcom_tf.data import schema
 from mvcom_tf.data.tfrecord import DatasetInfo
+from mvcom_tf.evaluation.metrics import result_difference
 from mvcom_tf.losses.margins import class_aware_margins, head_classes, tail_class_offsets
 from mvcom_tf.meta.step import MetaStep
 from mvcom_tf.models.heads import MarginHead, VariationHeads, centre_initializer
 from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
 from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, head_footprint
-from mvcom_tf.stages.base import Stage, constant_margins, learning_rate_schedule
 from mvcom_tf.stages.meta import MetaStage
 from mvcom_tf.stages.pretrain import PretrainStage
 from mvcom_tf.steps import MarginStep, ShardedMarginStep
 from mvcom_tf.training.distribute import read_input
+from mvcom_tf.training.stage import Stage
 
 
 def schedule(config: TrainConfig, name: str) -> Schedule:
-    """The pretrain stage follows --epochs/--lr/--lr_steps, the meta stage --meta_epochs/--meta_lr/..."""
-    if name == "meta":
+    """The pretrain stage follows --epochs/--lr/--lr_steps, the fine-tuning stages --meta_epochs/--meta_lr/..."""
+    if name in FINE_TUNING_STAGES:
         return Schedule(config.meta_epochs, config.meta_lr, config.meta_lr_steps)
     return Schedule(config.epochs, config.lr, config.lr_steps)
 
 
+def control_config(config: TrainConfig) -> TrainConfig:
+    """The finetune stage's settings: the meta stage's, with a constant margin and no residuals (tau = 0 takes
+    exactly the plain margin steps), so MvCoM is credited only with its difference from it."""
+    return dataclasses.replace(config, margin_prior="constant", meta_lr_tau=0.0,
+                               oracle_margin_deltas=(0.0,) * len(config.oracle_margin_deltas))
+
+
 def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy) -> Stage:
     """The stage `name` of --stage, its variables created in the strategy's scope."""
+    if name == "finetune":
+        config = control_config(config)
     train = read_input("train_data", config.train_data, config.batch_size, config.seed)
+    train = dataclasses.replace(train, balanced=config.train_sampling == "balanced")
     stage_schedule = schedule(config, name)
     info = train.info
     log_head_footprint(config, info.num_identities, strategy.num_replicas_in_sync)
@@ -62,9 +74,23 @@ def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy
         meta_step, trackables = build_meta_step(config, margin_step, info.histograms, strategy.num_replicas_in_sync)
     pool = config.global_meta_batch * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
     meta = read_input("meta_data", config.meta_data, config.global_meta_batch, config.seed + 1)
-    return MetaStage(**common, meta_step=meta_step, meta_pool=dataclasses.replace(meta, global_batch=pool),
+    meta_pool = dataclasses.replace(meta, global_batch=pool, group_size=meta_group_size(config))
+    return MetaStage(**common, meta_step=meta_step, meta_pool=meta_pool,
                      trackables=trackables, head_warmup_steps=config.head_warmup_steps,
                      variation_warmup_steps=config.variation_warmup_steps)
+
+
+def summarise_run(stage_metrics: dict) -> dict:
+    """metrics.json's `meta_minus_finetune`: MvCoM's difference from the CosFace fine-tuning of the same run (same
+    start, batches and length), when both ran and were evaluated; logged."""
+    meta, control = stage_metrics.get("meta", {}), stage_metrics.get("finetune", {})
+    if "accuracy" not in meta or "accuracy" not in control:
+        return {}
+    difference = result_difference(meta, control)
+    for name, figures in difference.items():
+        logging.info("MvCoM against CosFace fine-tuning (same start, batches and length), %s: %.4f - %.4f = %+.4f",
+                     name, figures["value"], figures["baseline"], figures["difference"])
+    return {"meta_minus_finetune": difference}
 
 
 def build_sharded_step(config: TrainConfig, backbone: keras.Model, optimizer: keras.optimizers.Optimizer,
@@ -139,6 +165,11 @@ def oracle_offsets(config: TrainConfig, histograms: dict[str, list[int]]) -> dic
             for factor, values in tail_class_offsets(histograms, deltas).items()}
 
 
+def meta_group_size(config: TrainConfig) -> int:
+    """Images of one identity drawn together into the meta batch: K for the verification objective, else 1."""
+    return config.meta_images_per_identity if config.meta_objective == "verification" else 1
+
+
 def build_meta_step(config: TrainConfig, margin_step: MarginStep, histograms: dict[str, list[int]],
                     replicas: int) -> tuple[MetaStep, dict]:
     """The MvCoM step around a margin step (replicated or sharded head): variation heads and their optimizer
@@ -160,5 +191,20 @@ def build_meta_step(config: TrainConfig, margin_step: MarginStep, histograms: di
         residual_max=config.residual_max, scope=config.meta_scope, factor_weights=config.factor_weights,
         sampling=config.meta_sampling, meta_batch_size=config.global_meta_batch // replicas,
         global_meta_batch_size=config.global_meta_batch, head_classes=head_classes(histograms),
-        head_optimizer=head_optimizer)
+        head_optimizer=head_optimizer, objective=config.meta_objective, group_size=meta_group_size(config),
+        contrastive_scale=config.scale)
     return meta_step, trackables
+
+
+def learning_rate_schedule(schedule: Schedule, steps_per_epoch: int):
+    """lr, multiplied by 0.1 at each epoch of lr_steps (counted in optimizer steps)."""
+    if not schedule.lr_steps:
+        return schedule.lr
+    boundaries = [int(round(epoch * steps_per_epoch)) for epoch in schedule.lr_steps]
+    values = [schedule.lr * 0.1 ** i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def constant_margins(margin: float, num_identities: int) -> tf.Tensor:
+    """Every identity's margin m (CosFace pre-training, seed Sec. C)."""
+    return tf.constant(np.full(num_identities, margin, np.float32), keras.config.floatx())

@@ -10,7 +10,7 @@ from mvcom_tf.data import schema
 from mvcom_tf.meta.figure import margin_figure
 from mvcom_tf.meta.statistics import MetaSamples, MetaSums, meta_scalars
 from mvcom_tf.meta.step import FIGURE_FACES, MetaStep
-from mvcom_tf.stages.base import Stage
+from mvcom_tf.training.stage import Stage
 from mvcom_tf.training.compiled import ReplicaStep
 from mvcom_tf.training.distribute import InputSpec
 
@@ -19,6 +19,9 @@ class MetaStage(Stage):
     """Steps: --head_warmup_steps of the identity head alone, --variation_warmup_steps of the variation
     heads alone, then MvCoM iterations. Reads the training batches and a meta pool of |V| samples
     (times --meta_pool_factor for hard sampling, which keeps the pool's rarest)."""
+
+    # A fine-tuning: the run's next fine-tuning (MvCoM after its CosFace control) starts from the same pre-training.
+    later_stages_start_here = False
 
     def __init__(self, *args, meta_step: MetaStep, meta_pool: InputSpec, trackables: dict[str, Any],
                  head_warmup_steps: int, variation_warmup_steps: int, **kwargs) -> None:

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from mvcom_tf.data.pipeline import DecodeFailures, train_dataset
+from mvcom_tf.data.pipeline import DecodeFailures, balanced_acceptance, train_dataset
 from mvcom_tf.data.synthesis import VariationSynthesis
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, read_info
 
@@ -52,6 +52,8 @@ class InputSpec:
     info: DatasetInfo
     global_batch: int
     seed: int
+    balanced: bool = False  # --train_sampling=balanced: tail classes drawn as often as head ones
+    group_size: int = 1  # batches made of runs of this many images of one identity (P x K batches)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -82,6 +84,18 @@ class InputOptions:
     nan_step: int = -1  # --debug_nan_step: that global step's images become NaN
 
 
+# Distributed iterators a finished stage no longer reads. Deleting one under MirroredStrategy can block
+# the deleting thread for minutes (TensorFlow's IteratorResource destructor waits on its thread pool:
+# seen at stage ends and after a SIGTERM save, with two CPU replicas), so they are kept until the
+# process ends, and the command ends the process without running their destructors (mvcom_tf.cli.exit_now).
+_FINISHED_ITERATORS: list = []
+
+
+def retire(iterators) -> None:
+    """Keeps a finished stage's iterators alive until the process exits, instead of deleting them now."""
+    _FINISHED_ITERATORS.append(iterators)
+
+
 def distributed_batches(strategy: tf.distribute.Strategy, spec: InputSpec, options: InputOptions,
                         steps: range, steps_per_epoch: int, failures: DecodeFailures, nan_drill: bool = False):
     """An iterator over the global batches of `steps` (global steps; epochs of steps_per_epoch, each with its own
@@ -106,7 +120,9 @@ def distributed_batches(strategy: tf.distribute.Strategy, spec: InputSpec, optio
                 image_size=options.image_size, seed=spec.seed, epoch=epoch,
                 skip_records=skip * spec.global_batch // context.num_input_pipelines,
                 input_context=context, failures=failures, shuffle_buffer=options.shuffle_buffer,
-                augment=synthesis if synthesis.active else None)
+                augment=synthesis if synthesis.active else None,
+                keep_probability=balanced_acceptance(spec.info.histograms) if spec.balanced else None,
+                group_size=spec.group_size)
             epochs.append(dataset.take((last - first) * per_step))
         dataset = functools.reduce(tf.data.Dataset.concatenate, epochs)
         if nan_drill and options.nan_step in steps:

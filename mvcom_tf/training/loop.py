@@ -12,13 +12,12 @@ from absl import logging
 
 from mvcom_tf.config import TrainConfig
 from mvcom_tf.data.pipeline import DecodeFailures
-from mvcom_tf.stages.base import Stage
-from mvcom_tf.stages.build import build_stage
 from mvcom_tf.training import benchmarks, faults, outputs
 from mvcom_tf.training.checkpoints import StageCheckpoints, stage_folder
 from mvcom_tf.training.compiled import CompiledSteps, execution_length
-from mvcom_tf.training.distribute import InputOptions, distributed_batches, is_chief, make_strategy
+from mvcom_tf.training.distribute import InputOptions, distributed_batches, is_chief, make_strategy, retire
 from mvcom_tf.training.progress import Progress, log_distributions, skipped_steps
+from mvcom_tf.training.stage import RunSummary, Stage, StageBuilder
 
 
 @dataclasses.dataclass
@@ -46,16 +45,19 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
     compiled = CompiledSteps(strategy, config.jit_compile, config.steps_per_execution)
     every = [config.log_every, config.checkpoint_every, config.eval_every if config.eval_data else 0]
     iterators = _inputs(run, _input_options(config), range(step, run.total_steps))
-    while step < run.total_steps:
-        epoch = step // per_epoch
-        last = min((epoch + 1) * per_epoch, run.total_steps)  # a call ends at the end of an epoch
-        count = execution_length(stage, step, last, config.steps_per_execution, every)
-        output = compiled(stage.replica_step(step), iterators, count)
-        faults.check_finite(output.sums, stage.name, step, count, run.checkpoints.latest)
-        run.skipped += skipped_steps(output.sums, strategy.num_replicas_in_sync)
-        run.progress.add(output)
-        step += count
-        _after_steps(run, step, epoch, preempted)
+    try:
+        while step < run.total_steps:
+            epoch = step // per_epoch
+            last = min((epoch + 1) * per_epoch, run.total_steps)  # a call ends at the end of an epoch
+            count = execution_length(stage, step, last, config.steps_per_execution, every)
+            output = compiled(stage.replica_step(step), iterators, count)
+            faults.check_finite(output.sums, stage.name, step, count, run.checkpoints.latest)
+            run.skipped += skipped_steps(output.sums, strategy.num_replicas_in_sync)
+            run.progress.add(output)
+            step += count
+            _after_steps(run, step, epoch, preempted)
+    finally:
+        retire(iterators)  # not deleted: see distribute.retire
     run.checkpoints.save(step)
     run.writer.flush()
     return run.progress.stage_summary()
@@ -121,8 +123,10 @@ def _after_steps(run: StageRun, step: int, epoch: int, preempted: threading.Even
         benchmarks.log_evaluation(run.writer, step, results)
 
 
-def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
-    """Runs every stage of --stage in order, then evaluates and exports; returns metrics.json's content.
+def run(config: TrainConfig, build_stage: StageBuilder, summarise: RunSummary | None = None,
+        strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Runs every stage of --stage in order, each made by `build_stage`, then evaluates and exports; returns
+    metrics.json's content, with the entries `summarise` makes from the stages' metrics.
 
     Under MultiWorkerMirroredStrategy every worker trains and saves checkpoints (saving takes
     part in collectives), but only the chief writes the run folder: the others write to a
@@ -133,13 +137,14 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     scratch = "" if chief else tempfile.mkdtemp(prefix="mvcom_tf_worker_")
     local = config if chief else dataclasses.replace(config, model_dir=scratch)
     try:
-        return _run_stages(config, local, strategy, chief)
+        return _run_stages(config, local, strategy, chief, build_stage, summarise)
     finally:
         if scratch:
             tf.io.gfile.rmtree(scratch)
 
 
-def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute.Strategy, chief: bool) -> dict:
+def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute.Strategy, chief: bool,
+                build_stage: StageBuilder, summarise: RunSummary | None) -> dict:
     tf.io.gfile.makedirs(local.model_dir)
     metrics: dict = {"stages": {}}
     init_checkpoint, stage = config.init_checkpoint, None
@@ -148,10 +153,13 @@ def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute
         resume_dir = stage_folder(config.model_dir, name)
         with faults.preemption_signal() as preempted:
             summary = run_stage(local, stage, strategy, init_checkpoint, preempted, resume_dir)
-        init_checkpoint = resume_dir
+        if stage.later_stages_start_here:
+            init_checkpoint = resume_dir
         metrics["stages"][name] = {"training": summary}
         if config.eval_data and chief:
             metrics["stages"][name].update(_evaluate_stage(config, stage))
+    if summarise:
+        metrics.update(summarise(metrics["stages"]))
     final = metrics["stages"].get(config.stage[-1], {})
     metrics.update({key: final[key] for key in ("accuracy", "accuracy_std", "groups", "benchmarks") if key in final})
     metrics["export_dir"] = config.export_dir or posixpath.join(config.model_dir, "export")
@@ -167,4 +175,5 @@ def _evaluate_stage(config: TrainConfig, stage: Stage) -> dict:
         logging.info("[%s] %s: %s", stage.name, key, benchmarks.headline(result))
     writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage.name))
     benchmarks.log_evaluation(writer, stage_length(config, stage), results)
+    writer.flush()  # the command ends without destructors (mvcom_tf.cli.exit_now)
     return {**next(iter(results.values())), "benchmarks": results}

@@ -48,16 +48,10 @@ class StepOutput(NamedTuple):
     samples: Any = ()
 
 
-def identity_sums(per_sample_loss: tf.Tensor, logits: tf.Tensor, labels: tf.Tensor, margins: tf.Tensor,
-                  applied: tf.Tensor | None = None) -> IdentitySums:
-    """The identity loss's per-replica sums; a skipped step (`applied` 0) adds nothing but `skipped`."""
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
-    return sums_of_samples(per_sample_loss, correct, margins, applied)
-
-
 def sums_of_samples(per_sample_loss: tf.Tensor, correct: tf.Tensor, margins: tf.Tensor,
                     applied: tf.Tensor | None = None) -> IdentitySums:
-    """identity_sums from per-sample losses, whether each sample's class scored highest, and margins."""
+    """The identity loss's per-replica sums from per-sample losses, whether each sample's class scores highest
+    without its margin, and margins; a skipped step (`applied` 0) adds nothing but `skipped`."""
     sums = IdentitySums(loss=tf.reduce_sum(per_sample_loss), correct=tf.reduce_sum(tf.cast(correct, tf.float32)),
                         margin=tf.reduce_sum(margins), margin_sq=tf.reduce_sum(tf.square(margins)),
                         count=tf.cast(tf.size(margins), tf.float32), skipped=tf.constant(0.0))

@@ -1,15 +1,19 @@
-"""The Stage interface: what the training loop needs of a stage, and nothing of what the stage does."""
+"""The Stage interface: what the training loop needs of a stage, and nothing of what the stage does.
+
+The stages themselves (mvcom_tf.stages) implement it and depend on this package; the loop never
+imports them: `mvcom_tf.train` hands it the builder.
+"""
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mvcom_tf.config import Schedule
+from mvcom_tf.config import Schedule, TrainConfig
 from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.sharded_head import ShardedCentres
 from mvcom_tf.training.compiled import ReplicaStep
@@ -23,6 +27,9 @@ class Stage(abc.ABC):
     distributed iterator each, and calls `replica_step(step)` per replica with one batch of each;
     the step returns a `StepOutput`, whose `sums.stage` and `samples` only the stage interprets.
     """
+
+    # Whether a later stage of the run starts from this one's weights (else from what this one started from).
+    later_stages_start_here = True
 
     def __init__(self, name: str, schedule: Schedule, backbone: keras.Model, head: MarginHead | ShardedCentres,
                  optimizer: keras.optimizers.Optimizer, train: InputSpec) -> None:
@@ -72,15 +79,7 @@ class Stage(abc.ABC):
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
 
-def learning_rate_schedule(schedule: Schedule, steps_per_epoch: int):
-    """lr, multiplied by 0.1 at each epoch of lr_steps (counted in optimizer steps)."""
-    if not schedule.lr_steps:
-        return schedule.lr
-    boundaries = [int(round(epoch * steps_per_epoch)) for epoch in schedule.lr_steps]
-    values = [schedule.lr * 0.1 ** i for i in range(len(boundaries) + 1)]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-
-
-def constant_margins(margin: float, num_identities: int) -> tf.Tensor:
-    """Every identity's margin m (CosFace pre-training, seed Sec. C)."""
-    return tf.constant(np.full(num_identities, margin, np.float32), keras.config.floatx())
+# Builds the stage `name` of --stage for a config, its variables in the strategy's scope.
+StageBuilder = Callable[[TrainConfig, str, tf.distribute.Strategy], Stage]
+# Entries for metrics.json made from every stage's metrics (metrics["stages"]) once the run has trained.
+RunSummary = Callable[[dict], dict]
