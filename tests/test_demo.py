@@ -1,7 +1,9 @@
-"""The demo recipe, shortened: it must learn, write the whole run folder, and learn larger margins for tails."""
+"""The demo recipe, shortened: it learns, writes the whole run folder, credits MvCoM against its CosFace control,
+and its run folder answers embed --compare and evaluate."""
 
 import json
 import os
+import re
 
 import pytest
 import tensorflow as tf
@@ -95,6 +97,8 @@ def test_evaluate_reproduces_the_training_accuracy_from_the_saved_model(demo_run
     assert ethnicity["skewed_error_ratio"] == pytest.approx((1 - worst) / (1 - max(ethnicity["global_threshold"].values())))
     assert (tmp_path / "roc_synthetic_test.png").exists()
     assert "| synthetic:test |" in result.stdout
+    # The progress line of the embedding, in the training log's form; its last one has every image done.
+    assert re.search(r"\[embed\] ([\d,]+)/\1 images, [\d.]+ images/s, ETA \d\d:\d\d:\d\d", result.stderr)
 
     missing = run_module(["-m", "mvcom_tf.evaluate", f"--model={tmp_path}", f"--benchmark=synthetic:{data_dir}"])
     assert missing.returncode == 2 and "holds a saved_model.pb" in missing.stderr

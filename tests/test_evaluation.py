@@ -159,3 +159,14 @@ def test_compare_threshold_comes_from_the_models_own_evaluation(tmp_path):
     (run / "eval").mkdir()
     (run / "eval" / "results.json").write_text(json.dumps({"bin:lfw": {"accuracy": 0.99, "threshold": 0.27}}))
     assert model_threshold(str(run)) == 0.27
+
+
+def test_progress_line_says_count_rate_and_eta():
+    from mvcom_tf.progress_line import ProgressLine
+
+    progress = ProgressLine("embed", 200)
+    progress.start, progress.done = 0.0, 50
+    assert progress.line(10.0) == "[embed] 50/200 images, 5.0 images/s, ETA 00:00:30"
+    unknown = ProgressLine("detect", None, "photos")
+    unknown.start, unknown.done = 0.0, 1234
+    assert unknown.line(2.0) == "[detect] 1,234 photos, 617.0 photos/s"

@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import sys
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +19,7 @@ from mvcom_tf.data.detection import DETECT_BATCH, Face, FaceDetector, main_faces
 from mvcom_tf.data.images import IMAGE_EXTENSIONS, ImageProblem, read_rgb
 from mvcom_tf.evaluation.embedders import load_embedder
 from mvcom_tf.evaluation.verification import embed_images
+from mvcom_tf.progress_line import ProgressLine
 
 
 def image_paths(spec: str) -> list[str]:
@@ -86,13 +85,14 @@ class FaceEmbedder:
 
     def embeddings(self, faces):
         """Flip-fused embeddings [N, E] of aligned faces."""
-        return embed_images(self.embed, tf.data.Dataset.from_tensor_slices(np.stack(faces)).batch(self.batch_size))
+        return embed_images(self.embed, tf.data.Dataset.from_tensor_slices(np.stack(faces)).batch(self.batch_size),
+                            len(faces))
 
 
 def embed_folder(embedder: FaceEmbedder, paths: list[str], output: str) -> dict:
     """Embeds every photo of `paths` into `output` (.npz); returns counts."""
     kept, faces, boxes, landmarks, confidences, no_face, unreadable = [], [], [], [], [], [], []
-    start = time.perf_counter()
+    progress = ProgressLine("detect", len(paths), "photos")
     for first in range(0, len(paths), DETECT_BATCH):
         for photo in embedder.faces(paths[first:first + DETECT_BATCH]):
             if photo.problem is not None:
@@ -105,11 +105,7 @@ def embed_folder(embedder: FaceEmbedder, paths: list[str], output: str) -> dict:
                 boxes.append(photo.found.box)
                 landmarks.append(photo.found.landmarks)
                 confidences.append(photo.found.confidence)
-        done = min(first + DETECT_BATCH, len(paths))
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        print(f"\r{done}/{len(paths)} images, {rate:.1f} images/s, ETA {(len(paths) - done) / rate:.0f} s",
-              end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        progress.advance(min(DETECT_BATCH, len(paths) - first))
     embeddings = embedder.embeddings(faces) if faces else np.zeros((0, 0), np.float32)
     buffer = io.BytesIO()  # written whole through tf.io.gfile, so --output may be on gs://
     np.savez(buffer, paths=np.array(kept), embeddings=embeddings.astype(np.float32),

@@ -20,6 +20,7 @@ from mvcom_tf.data.pipeline import eval_dataset
 from mvcom_tf.data.tfrecord import DatasetError, read_info
 from mvcom_tf.evaluation import formats, ijb, metrics
 from mvcom_tf.evaluation.verification import best_threshold, embed_images, kfold_accuracy, read_pairs
+from mvcom_tf.progress_line import ProgressLine
 
 EmbedFn = Callable[[tf.Tensor], tf.Tensor]
 
@@ -93,13 +94,13 @@ def _verification(scores: np.ndarray, same: np.ndarray, label: str) -> Scored:
 def run_bin(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
     """insightface .bin: pairs (2i, 2i+1), 10 folds in order, threshold on 9, accuracy on the 10th."""
     images, same = formats.load_bin(path)
-    embeddings = embed_images(embed, encoded_images(images, image_size, batch_size))
+    embeddings = embed_images(embed, encoded_images(images, image_size, batch_size), len(images))
     scores = np.sum(embeddings[0::2] * embeddings[1::2], axis=1)
     return _verification(scores, same, posixpath.basename(path))
 
 
 def _pair_scores(embed: EmbedFn, pairs: formats.PairList, landmarks, image_size: int, batch_size: int) -> np.ndarray:
-    embeddings = embed_images(embed, file_images(pairs.paths, landmarks, image_size, batch_size))
+    embeddings = embed_images(embed, file_images(pairs.paths, landmarks, image_size, batch_size), len(pairs.paths))
     return np.sum(embeddings[pairs.first] * embeddings[pairs.second], axis=1)
 
 
@@ -110,6 +111,7 @@ def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray 
     from mvcom_tf.data.detection import DETECT_BATCH, FaceDetector, main_faces
 
     detector, landmarks, no_face, unreadable = FaceDetector(), [None] * len(paths), [], {}
+    progress = ProgressLine("detect", len(paths), "photos")
     for first in range(0, len(paths), DETECT_BATCH):
         pending = {}  # index -> image of this batch's photos that need a detection
         for index in range(first, min(first + DETECT_BATCH, len(paths))):
@@ -125,6 +127,7 @@ def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray 
                 no_face.append(paths[index])
             else:
                 landmarks[index] = face.landmarks
+        progress.advance(min(DETECT_BATCH, len(paths) - first))
     return landmarks, no_face, unreadable
 
 
@@ -194,7 +197,7 @@ def run_ijb(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scor
         raise DatasetError(f"{path}/meta holds neither ijbc_face_tid_mid.txt nor ijbb_face_tid_mid.txt")
     meta = formats.read_ijb(path, names[0])
     paths = [posixpath.join(path, "loose_crop", image) for image in meta.images]
-    features = embed_images(embed, file_images(paths, list(meta.landmarks), image_size, batch_size))
+    features = embed_images(embed, file_images(paths, list(meta.landmarks), image_size, batch_size), len(paths))
     template_ids, template_features = ijb.template_features(features, meta.templates, meta.medias, meta.scores)
     scores = ijb.pair_scores(template_ids, template_features, meta.pair_templates)
     far, tar, _ = metrics.roc_curve(scores, meta.pair_labels)
@@ -211,7 +214,7 @@ def run_synthetic(embed: EmbedFn, path: str, image_size: int, batch_size: int) -
         raise DatasetError(f"{path}/dataset.json names no pairs file: it is not a verification split")
     pairs = read_pairs(posixpath.join(path, info.extras["pairs"]))
     images = eval_dataset(path, info, batch_size, image_size).map(lambda f: f["image"])
-    embeddings = embed_images(embed, images)
+    embeddings = embed_images(embed, images, info.num_images)
     if max(pairs["index_a"].max(), pairs["index_b"].max()) >= len(embeddings):
         raise DatasetError(f"{path}: pairs name image indices beyond its {len(embeddings)} images")
     scores = np.sum(embeddings[pairs["index_a"]] * embeddings[pairs["index_b"]], axis=-1)

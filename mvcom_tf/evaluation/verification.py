@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from mvcom_tf.data import schema
 from mvcom_tf.data.tfrecord import DatasetError
+from mvcom_tf.progress_line import ProgressLine
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -54,12 +55,15 @@ def kfold_accuracy(scores: np.ndarray, same: np.ndarray, folds: int = 10) -> KFo
     return KFoldResult(float(np.mean(accuracies)), float(np.std(accuracies)), thresholds, correct)
 
 
-def embed_images(embed_fn: Callable[[tf.Tensor], tf.Tensor], images: tf.data.Dataset) -> np.ndarray:
-    """Embeddings of image + its horizontal flip, summed and L2-normalised (insightface's test-time flip)."""
-    outputs = []
+def embed_images(embed_fn: Callable[[tf.Tensor], tf.Tensor], images: tf.data.Dataset,
+                 total: int | None = None) -> np.ndarray:
+    """Embeddings of image + its horizontal flip, summed and L2-normalised (insightface's test-time flip);
+    logs a progress line (of `total` images, if given) every few seconds."""
+    outputs, progress = [], ProgressLine("embed", total)
     for batch in images:
         embedding = embed_fn(batch) + embed_fn(tf.reverse(batch, axis=[2]))
         outputs.append(np.asarray(embedding, np.float64))
+        progress.advance(len(outputs[-1]))
     return l2_normalize(np.concatenate(outputs))
 
 
