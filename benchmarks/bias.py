@@ -116,9 +116,7 @@ def splits(data: str, quick: bool) -> dict[str, synthetic.SplitConfig]:
         tiny = {**synthetic.demo_configs(), "val": _EVAL_PAIRS, "test": _EVAL_PAIRS}
     if data == "demo":
         return tiny
-    return {split: dataclasses.replace(config, **synthetic.HEADROOM_STYLE,
-                                       **(synthetic.HEADROOM_TRAIN if split == "train" else {}))
-            for split, config in tiny.items()}
+    return {split: synthetic.headroom_config(config, split) for split, config in tiny.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,7 @@ class SplitConfig:
     # (a positive) and with the same anchor index of another identity of the group (a negative).
     pair_anchors: int = 1
     # How the variations are drawn (every split of a data set uses the same): the demo's remove
-    # identity evidence; the headroom data's (headroom_configs) keep it.
+    # identity evidence; the headroom data's (headroom_config) keep it.
     occluder_opacity: float = 1.0
     far_side_fades: bool = True
     blur_scale: float = 1.0
@@ -468,12 +468,9 @@ HEADROOM_TRAIN = dict(pose_probs=(0.01, 0.01, 0.01, 0.94, 0.01, 0.01, 0.01),
 HEADROOM_STYLE = dict(occluder_opacity=0.5, far_side_fades=False, blur_scale=0.5)
 
 
-def headroom_configs(image_size: int = 32, seed: int = 0, **style) -> dict[str, SplitConfig]:
-    """The demo's splits with the headroom data's tail frequencies (train) and identity-keeping style (all);
-    `style` overrides HEADROOM_STYLE's knobs."""
-    knobs = {**HEADROOM_STYLE, **style}
-    return {split: dataclasses.replace(config, **knobs, **(HEADROOM_TRAIN if split == "train" else {}))
-            for split, config in demo_configs(image_size, seed).items()}
+def headroom_config(config: SplitConfig, split: str) -> SplitConfig:
+    """A split of the headroom data: the identity-keeping style (every split) and the rare tails (train)."""
+    return dataclasses.replace(config, **HEADROOM_STYLE, **(HEADROOM_TRAIN if split == "train" else {}))
 
 
 def write_demo_data(root: str, image_size: int = 32, seed: int = 0) -> dict[str, DatasetInfo]:
