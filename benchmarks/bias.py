@@ -69,10 +69,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("select_seeds", 1, "How many of the first seeds choose the settings on val.", lower_bound=1)
     flags.DEFINE_integer("jobs", 2, "Trainings run at once (2 keeps 2 cores busy through start-up and evaluation).",
                          lower_bound=1)
+    flags.DEFINE_list("arms", list(ARMS), f"Arms compared with cosface (always run: the baseline), among "
+                      f"{', '.join(ARMS)}.")
+    flags.register_validator("arms", lambda arms: set(arms) <= set(ARMS), f"--arms must be among {', '.join(ARMS)}")
     flags.DEFINE_bool("quick", False, "A tiny study (small data and network, one value per setting) for tests.")
 
 
 DATA = ("headroom", "demo")
+ARMS = ("prior", "oracle", "resample", "mvcom_variation", "mvcom_verification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,10 +243,10 @@ def val_score(result: dict) -> float:
     return float(np.mean([result["factors"][factor]["worst_accuracy"] for factor in schema.FACTORS]))
 
 
-def select(runner: Runner, seeds: list[str]) -> tuple[dict[str, Arm], list[dict]]:
+def select(runner: Runner, seeds: list[str], wanted: tuple[str, ...] = ARMS) -> tuple[dict[str, Arm], list[dict]]:
     """Chooses on val: the oracle's delta (the headroom, beside cosface and resample), then for each meta objective
-    MvCoM's tau and meta scope; returns the final arms and the val table (runs scored by the mean over the
-    selection seeds)."""
+    MvCoM's tau and meta scope; returns the final arms (cosface and the `wanted` ones) and the val table (runs
+    scored by the mean over the selection seeds)."""
     study, table = runner.study, []
 
     def best(arms: list[Arm], step: str) -> Arm:
@@ -256,11 +260,16 @@ def select(runner: Runner, seeds: list[str]) -> tuple[dict[str, Arm], list[dict]
         return arms[int(np.argmax(means))]
 
     length = study.length
-    arms = {"cosface": best([Arm("cosface", length)], "headroom"),
-            "prior": Arm("prior", length),
-            "oracle": best([Arm("oracle", length, delta=delta) for delta in study.oracle_deltas], "headroom"),
-            "resample": best([Arm("resample", length)], "headroom")}
+    arms = {"cosface": best([Arm("cosface", length)], "headroom")}
+    if "prior" in wanted:
+        arms["prior"] = Arm("prior", length)
+    if "oracle" in wanted:
+        arms["oracle"] = best([Arm("oracle", length, delta=delta) for delta in study.oracle_deltas], "headroom")
+    if "resample" in wanted:
+        arms["resample"] = best([Arm("resample", length)], "headroom")
     for objective in study.objectives:
+        if f"mvcom_{objective}" not in wanted:
+            continue
         mvcom = Arm(f"mvcom_{objective}", length, scope=study.scopes[0])
         mvcom = best([dataclasses.replace(mvcom, tau=tau) for tau in study.taus], f"{objective}: tau")
         arms[mvcom.arm] = best([dataclasses.replace(mvcom, scope=scope) for scope in study.scopes],
@@ -421,7 +430,7 @@ def main(argv) -> None:
     runner = Runner(out_dir, study, splits(FLAGS.data, FLAGS.quick))
     runner.make_data()
     runner.pretrain(seeds[:FLAGS.select_seeds])  # the headroom's answer first, before the other seeds train
-    arms, selection = select(runner, seeds[:FLAGS.select_seeds])
+    arms, selection = select(runner, seeds[:FLAGS.select_seeds], tuple(FLAGS.arms))
     runner.pretrain(seeds)
     runner.fine_tune(seeds, list(arms.values()))
     results = {arm: [runner.test_result(seed, settings) for seed in seeds] for arm, settings in arms.items()}
@@ -446,7 +455,8 @@ def main(argv) -> None:
         "mechanism": {arm: mechanism(runner, seeds, arms[arm]) for arm in mvcom_arms},
         "meta_signal": probes,
         "selection": selection,
-        "command": f"python -m benchmarks.bias --data={FLAGS.data}" + (" --quick" if FLAGS.quick else ""),
+        "command": f"python -m benchmarks.bias --data={FLAGS.data}" + (" --quick" if FLAGS.quick else "")
+                   + ("" if set(FLAGS.arms) == set(ARMS) else f" --arms={','.join(FLAGS.arms)}"),
         "date": datetime.date.today().isoformat(),
     }
     report = markdown(study_json, selection)

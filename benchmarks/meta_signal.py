@@ -72,7 +72,7 @@ def probe(pretrained: str, objective: str, batches: int, head_steps: int, overri
     stage = build_stage(config, "meta", strategy)
     initialise(stage, stage_folder(pretrained, "pretrain"))
     meta_step = stage.meta_step
-    options = InputOptions(config.image_size, config.shuffle_buffer)
+    options = InputOptions(config.model.image_size, config.data.shuffle_buffer)
     steps = range(0, head_steps + batches)
     train, pool = (distributed_batches(strategy, spec, options, steps, stage.steps_per_epoch, DecodeFailures())
                    for spec in stage.inputs())
@@ -198,10 +198,10 @@ def main(argv) -> None:
 
     config = config_of_run(pretrained, *overrides)
     result.update({
-        "pretrained": pretrained, "train_data": config.train_data, "meta_data": config.meta_data,
+        "pretrained": pretrained, "train_data": config.data.train_data, "meta_data": config.data.meta_data,
         "meta_scope": FLAGS.meta_scope, "meta_sampling": FLAGS.meta_sampling, "batches": batches,
-        "head_steps": head_steps, "batch_size": config.batch_size, "minutes": round((time.perf_counter() - started)
-                                                                                     / 60, 1),
+        "head_steps": head_steps, "batch_size": config.optimizer.batch_size,
+        "minutes": round((time.perf_counter() - started) / 60, 1),
         "command": "python -m benchmarks.meta_signal " + " ".join(arg for arg in sys.argv[1:]),
         "date": datetime.date.today().isoformat()})
     if not FLAGS.quick:

@@ -30,15 +30,14 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
 
     from mvcom_tf.config import Schedule, TrainConfig
     from mvcom_tf.data import schema
-    from mvcom_tf.stages.build import build_meta_step, build_model
-    from mvcom_tf.steps import MarginStep
+    from mvcom_tf.stages.build import build_margin_step, build_meta_step
 
     keras.utils.set_random_seed(0)
     scope = "all" if kind == "plain" else kind.removeprefix("meta_")
-    config = TrainConfig(backbone=backbone, image_size=image_size, batch_size=batch, meta_batch_size=meta_batch,
-                         meta_scope=scope, meta_sampling="random", meta_lr_tau=1000.0, residual_max=0.2,
-                         mixed_precision="none" if precision == "float32" else precision)
-    model, head, optimizer = build_model(config, num_classes, 1, Schedule(1, 0.01, ()))
+    config = TrainConfig.from_flags(backbone=backbone, image_size=image_size, batch_size=batch,
+                                    meta_batch_size=meta_batch, meta_scope=scope, meta_sampling="random",
+                                    meta_lr_tau=1000.0, residual_max=0.2,
+                                    mixed_precision="none" if precision == "float32" else precision)
     margins = tf.fill([num_classes], 0.35)
     rng = np.random.default_rng(0)
 
@@ -49,10 +48,10 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
         return data
 
     batch_data, meta_data = labelled(batch), labelled(meta_batch)
+    margin_step = build_margin_step(config, num_classes, margins, schedule=Schedule(1, 0.01, ()))
     if kind == "plain":
-        margin_step = MarginStep(model, head, optimizer, margins, batch)
         return compile_step(lambda: margin_step(batch_data)), batch
-    meta_step, _ = build_meta_step(config, MarginStep(model, head, optimizer, margins, batch), {}, replicas=1)
+    meta_step, _ = build_meta_step(config, margin_step, {}, replicas=1)
     return compile_step(lambda: meta_step(batch_data, meta_data)), batch
 
 

@@ -34,19 +34,15 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
+    from mvcom_tf.config import Schedule, TrainConfig
+    from mvcom_tf.stages.build import build_margin_step
     from mvcom_tf.training.compiled import CompiledSteps
-    from mvcom_tf.models.heads import MarginHead
-    from mvcom_tf.models.iresnet import build_iresnet
-    from mvcom_tf.steps import MarginStep
 
     keras.utils.set_random_seed(0)
     classes = 100
-    backbone = build_iresnet(FLAGS.backbone, FLAGS.image_size, 64, FLAGS.width_multiplier)
-    head = MarginHead(classes)
-    head.build((None, 64))
-    optimizer = keras.optimizers.SGD(0.01, momentum=0.9, weight_decay=5e-4)
-    optimizer.build(backbone.trainable_variables + head.trainable_variables)
-    step = MarginStep(backbone, head, optimizer, tf.fill([classes], 0.35), FLAGS.batch)
+    config = TrainConfig.from_flags(backbone=FLAGS.backbone, image_size=FLAGS.image_size, embedding_size=64,
+                                    width_multiplier=FLAGS.width_multiplier, batch_size=FLAGS.batch)
+    step = build_margin_step(config, classes, tf.fill([classes], 0.35), schedule=Schedule(1, 0.01, ()))
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8 * FLAGS.batch, FLAGS.image_size, FLAGS.image_size, 3)).astype(np.float32)
     labels = rng.integers(0, classes, 8 * FLAGS.batch).astype(np.int32)

@@ -1,23 +1,19 @@
 """TrainConfig: everything a training run reads, with its defaults (the paper's and insightface's).
 
-This is the one source of the training flags: `mvcom_tf.config_flags` defines and validates
-an absl flag per field from its type, default and metadata. The CPU demo is not the default;
-it is `flags/demo.cfg`, which `python -m mvcom_tf.train` applies when given neither --train_data nor a
-flagfile.
+A run's settings come in parts, one per consumer: the data, the model, the identity head and
+its margins, the optimizer, a schedule per stage, the meta step, evaluation, export and the
+runtime. Each builder takes only its part (`MetaStep` the meta part). The parts are also the
+one source of the training flags: `mvcom_tf.config_flags` defines and validates an absl flag
+per field from its type, default and metadata, under the field's flag name (its own name, or
+the `flag` it declares: `MetaConfig.tau` is `--meta_lr_tau`), so flag names stay flat and every
+flagfile keeps working. The CPU demo is not the default; it is `flags/demo.cfg`, which
+`python -m mvcom_tf.train` applies when given neither --train_data nor a flagfile.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, lower: float | None = None,
-           upper: float | None = None, length: int | None = None) -> Any:
-    """A TrainConfig field: its default, the flag's help text and the bounds the flag validates."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "lower": lower,
-                                                          "upper": upper, "length": length})
-
+from typing import Any, Iterator
 
 FACTOR_LIST = "(pose, occlusion, blur, ethnicity)"
 # What --stage may list: CosFace pre-training; CosFace fine-tuning, the control MvCoM is measured against (the
@@ -26,31 +22,24 @@ STAGE_NAMES = ("pretrain", "finetune", "meta")
 FINE_TUNING_STAGES = ("finetune", "meta")  # both start from the last pre-training (or --init_checkpoint)
 
 
+def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+           lower: float | None = None, upper: float | None = None, length: int | None = None) -> Any:
+    """A config field: its default, the flag's help text and name (default: the field's), and the bounds the flag
+    validates."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
+                                                          "lower": lower, "upper": upper, "length": length})
+
+
 @dataclasses.dataclass(frozen=True)
-class Schedule:
-    """A stage's length and learning rate: lr, times 0.1 at each epoch of lr_steps."""
+class DataConfig:
+    """What the stages read and how batches are drawn and augmented."""
 
-    epochs: int
-    lr: float
-    lr_steps: tuple[float, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """One run; the field names are the flag names (`python -m mvcom_tf.train --helpfull`)."""
-
-    # Data.
     train_data: str = option("", "Training dataset folder (TFRecord schema v1 shards + dataset.json); required.")
     meta_data: str = option("", "Meta set folder (variation labels needed); required by --stage=meta.")
-    eval_data: tuple[str, ...] = option((), "Benchmarks evaluated after each stage (and every --eval_every steps), "
-                                            "comma-separated <kind>:<path> as in mvcom_tf.evaluate (kinds bin, "
-                                            "pairs, csv, rfw, ijb, synthetic; a bare path is a synthetic test "
-                                            "split); empty: no evaluation.")
     train_sampling: str = option("natural", "How training batches are drawn: natural (every image once an epoch) or "
                                             "balanced (images kept at random so that the classes of each variation "
                                             "factor come about equally often: the bias study's resample reference).",
                                  choices=("natural", "balanced"))
-    image_size: int = option(112, "Input size in pixels (square, divisible by 16).", lower=16)
     shuffle_buffer: int = option(20_000, "Records in the shuffle buffer.", lower=1)
     synth_blur_prob: float = option(0.0, "Probability of blurring a training or meta image (Gaussian, blur class "
                                          "1-3 uniformly); its blur label becomes the class applied.",
@@ -58,80 +47,153 @@ class TrainConfig:
     synth_occlusion_prob: float = option(0.0, "Probability of occluding a training or meta image (occluder type "
                                               "1-4 uniformly); its occlusion label becomes the type applied.",
                                          lower=0.0, upper=1.0)
-    # Model.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The embedding network and its input."""
+
     backbone: str = option("iresnet100", "Embedding network.",
                            choices=("iresnet18", "iresnet34", "iresnet50", "iresnet100"))
+    image_size: int = option(112, "Input size in pixels (square, divisible by 16): every image is read at it.",
+                             lower=16)
     width_multiplier: float = option(1.0, "Multiplies the stage widths 64-128-256-512.", lower=0.01)
     embedding_size: int = option(512, "Embedding dimension.", lower=2)
     dropout: float = option(0.0, "Dropout before the embedding layer.", lower=0.0, upper=0.99)
     sync_bn: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
-    head_sharding: str = option("replicated", "Identity head centres: replicated on every replica, or sharded (each "
-                                              "replica holds its contiguous share of the classes, as insightface's "
-                                              "partial_fc_v2; README, \"Millions of identities\").",
-                                choices=("replicated", "sharded"))
-    partial_fc_rate: float = option(1.0, "Partial FC: the share of its classes each replica scores per step, its "
-                                         "positives always among them (1.0: every class); needs "
-                                         "--head_sharding=sharded.", lower=0.001, upper=1.0)
-    # Identity loss and margins.
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityHeadConfig:
+    """The identity head (the class centres), its margin loss and the per-identity margin prior."""
+
     loss: str = option("cosface", "Margin loss of the identity head.", choices=("cosface", "arcface"))
     margin: float = option(0.35, "Margin m: the constant margin of pre-training and m_base of the meta prior.",
                            lower=0.0)
-    scale: float = option(64.0, "Logit scale s (the 32-px demo uses 32: README).", lower=0.0)
+    scale: float = option(64.0, "Logit scale s (the 32-px demo uses 16: docs/demo.md).", lower=0.0)
+    sharding: str = option("replicated", "Identity head centres: replicated on every replica, or sharded (each "
+                                         "replica holds its contiguous share of the classes, as insightface's "
+                                         "partial_fc_v2; docs/scale.md).",
+                           flag="head_sharding", choices=("replicated", "sharded"))
+    partial_fc_rate: float = option(1.0, "Partial FC: the share of its classes each replica scores per step, its "
+                                         "positives always among them (1.0: every class); needs "
+                                         "--head_sharding=sharded.", lower=0.001, upper=1.0)
     margin_prior: str = option("volume", "Meta stage: per-identity margin prior; volume: m_y = m * (n_ref / n_y) "
                                          "** power, clipped (METHOD.md).", choices=("constant", "volume"))
     margin_prior_power: float = option(0.25, "Power p of the volume prior (0 gives the constant margin).", lower=0.0)
     margin_min: float = option(0.25, "Lower clip of the volume prior.")
     margin_max: float = option(0.45, "Upper clip of the volume prior.")
-    # Optimisation (the pretrain stage's schedule: seed Sec. C).
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """SGD and the batch it steps on (every stage)."""
+
     batch_size: int = option(512, "Global batch size (split over replicas).", lower=1)
+    momentum: float = option(0.9, "SGD momentum.", lower=0.0)
+    weight_decay: float = option(5e-4, "SGD weight decay (Keras' decoupled form: w -= lr * wd * w).", lower=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A stage's length and learning rate: lr, times 0.1 at each epoch of lr_steps (the pretrain stage's: seed
+    Sec. C)."""
+
     epochs: int = option(30, "Epochs of the pretrain stage.", lower=1)
-    max_steps: int = option(0, "Stop a stage after this many steps (0: no limit).", lower=0)
     lr: float = option(0.1, "Initial learning rate of the pretrain stage.", lower=0.0)
     lr_steps: tuple[float, ...] = option((14.0, 20.0, 23.0), "Epochs of the pretrain stage (may be fractional) at "
                                                              "which the learning rate is multiplied by 0.1.")
-    momentum: float = option(0.9, "SGD momentum.", lower=0.0)
-    weight_decay: float = option(5e-4, "SGD weight decay (Keras' decoupled form: w -= lr * wd * w).", lower=0.0)
-    # MvCoM meta fine-tuning (--stage=meta): its own schedule, as seed Sec. C fine-tunes after pre-training.
-    meta_epochs: int = option(18, "Epochs of the meta stage.", lower=1)
-    meta_lr: float = option(0.001, "Initial learning rate of the meta stage.", lower=0.0)
-    meta_lr_steps: tuple[float, ...] = option((8.0, 14.0, 16.0), "Epochs of the meta stage at which its learning "
-                                                                 "rate is multiplied by 0.1.")
-    meta_batch_size: int = option(0, "Meta batch size |V| (global); 0: the training batch size.", lower=0)
-    meta_lr_tau: float = option(1000.0, "Step size tau of the residual update (Eq. 13); chosen by the spread of r "
-                                        "it gives (README, \"Choosing tau\").", lower=0.0)
-    meta_inner_lr: float = option(0.0, "Step size eta of the pseudo update (Eq. 12); 0: the current lr.", lower=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneSchedule(Schedule):
+    """The finetune and meta stages' schedule: their own, as seed Sec. C fine-tunes after pre-training."""
+
+    epochs: int = option(18, "Epochs of the meta stage (and of finetune, its control).", flag="meta_epochs", lower=1)
+    lr: float = option(0.001, "Initial learning rate of the meta stage.", flag="meta_lr", lower=0.0)
+    lr_steps: tuple[float, ...] = option((8.0, 14.0, 16.0), "Epochs of the meta stage at which its learning rate is "
+                                                            "multiplied by 0.1.", flag="meta_lr_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    """MvCoM's meta step (--stage=meta) and the meta stage's warm-ups; the bias study's oracle margins."""
+
+    batch_size: int = option(0, "Meta batch size |V| (global); 0: the training batch size.", flag="meta_batch_size",
+                             lower=0)
+    tau: float = option(1000.0, "Step size tau of the residual update (Eq. 13); chosen by the spread of r it gives "
+                                "(docs/method.md, \"Choosing tau\").", flag="meta_lr_tau", lower=0.0)
+    inner_lr: float = option(0.0, "Step size eta of the pseudo update (Eq. 12); 0: the current lr.",
+                             flag="meta_inner_lr", lower=0.0)
     residual_max: float = option(0.2, "Residuals r are clipped to [-residual_max, residual_max].", lower=0.0)
-    meta_scope: str = option("all", "What the pseudo update changes: all: the whole backbone (the paper); head: "
-                                    "only the output block (cheap approximation).", choices=("all", "head"))
+    scope: str = option("all", "What the pseudo update changes: all: the whole backbone (the paper); head: only the "
+                               "backbone's output block (cheap approximation).", flag="meta_scope",
+                        choices=("all", "head"))
     factor_weights: tuple[float, ...] = option((1.0, 1.0, 1.0, 1.0), f"Weights of the residuals {FACTOR_LIST} (0 "
                                                                       "switches a factor off).", length=4)
-    meta_objective: str = option("variation", "What the residuals descend on the meta batch: variation (Eq. 13, the "
-                                              "paper: the variation classifiers' losses) or verification (ours: a "
-                                              "contrastive loss over P identities x K images, every class of a "
-                                              "factor weighted equally; docs/method.md).",
-                                 choices=("variation", "verification"))
-    meta_images_per_identity: int = option(4, "K of the verification objective's P x K meta batch (its images of "
-                                              "one identity are its positives).", lower=2)
-    meta_sampling: str = option("hard", "Meta batch rule: hard keeps the pool's samples rarest under the training "
-                                        "batch's label histograms; random takes the batch as drawn.",
-                                choices=("hard", "random"))
-    meta_pool_factor: int = option(4, "Hard sampling draws a pool of this many times |V|.", lower=1)
+    objective: str = option("variation", "What the residuals descend on the meta batch: variation (Eq. 13, the "
+                                         "paper: the variation classifiers' losses) or verification (ours: a "
+                                         "contrastive loss over P identities x K images, every class of a factor "
+                                         "weighted equally; docs/method.md).", flag="meta_objective",
+                            choices=("variation", "verification"))
+    images_per_identity: int = option(4, "K of the verification objective's P x K meta batch (its images of one "
+                                         "identity are its positives).", flag="meta_images_per_identity", lower=2)
+    sampling: str = option("hard", "Meta batch rule: hard keeps the pool's samples rarest under the training batch's "
+                                   "label histograms; random takes the batch as drawn.", flag="meta_sampling",
+                           choices=("hard", "random"))
+    pool_factor: int = option(4, "Hard sampling draws a pool of this many times |V|.", flag="meta_pool_factor",
+                              lower=1)
     variation_warmup_steps: int = option(20, "Meta stage: steps that train only the variation heads first.",
                                          lower=0)
     variation_lr: float = option(0.01, "Learning rate of the variation heads (SGD, same momentum).", lower=0.0)
     head_warmup_steps: int = option(0, "Meta stage: steps that first train only the identity head, the backbone "
                                        "frozen with BatchNorm in inference mode (a model imported without its class "
-                                       "centres; README, \"Start from a published model\").", lower=0)
+                                       "centres; docs/pretrained.md).", lower=0)
     head_warmup_lr: float = option(0.1, "Learning rate of the identity head's warm-up (SGD, same momentum).",
                                    lower=0.0)
     oracle_margin_deltas: tuple[float, ...] = option(
         (0.0, 0.0, 0.0, 0.0), "Meta stage, a reference for the bias study (benchmarks/bias.py), not a method: add "
         f"delta_k to a sample's margin when its ground-truth class of factor k {FACTOR_LIST} is not that factor's "
         "most frequent class in --train_data; use with --meta_lr_tau=0.", length=4)
-    # The run.
-    stage: tuple[str, ...] = option(("pretrain",), "Stages to run in order: pretrain (CosFace), finetune (CosFace "
-                                                   "fine-tuning with the meta stage's schedule and batches: the "
-                                                   "control MvCoM is credited against), meta (MvCoM).")
+
+    @property
+    def group_size(self) -> int:
+        """Images of one identity drawn together into the meta batch: K for the verification objective, else 1."""
+        return self.images_per_identity if self.objective == "verification" else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """The benchmarks a run evaluates itself on, and when."""
+
+    benchmarks: tuple[str, ...] = option((), "Benchmarks evaluated after each stage (and every --eval_every steps), "
+                                             "comma-separated <kind>:<path> as in mvcom_tf.evaluate (kinds bin, "
+                                             "pairs, csv, rfw, ijb, synthetic; a bare path is a synthetic test "
+                                             "split); empty: no evaluation.", flag="eval_data")
+    batch_size: int = option(256, "Batch size of evaluation.", flag="eval_batch_size", lower=1)
+    every: int = option(0, "Steps between evaluations during a stage (0: only after it).", flag="eval_every",
+                        lower=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What the run writes for serving once its last stage ends."""
+
+    dir: str = option("", "SavedModel folder; empty: <model_dir>/export.", flag="export_dir")
+    tflite: bool = option(False, "Also write <export_dir>_tflite/embedding_{float,int8}.tflite (float32, and "
+                                 "dynamic-range int8 weights).", flag="export_tflite")
+    onnx: bool = option(False, "Also write <export_dir>_onnx/embedding_{float,int8}.onnx (tf2onnx, opset 17; int8: "
+                               "dynamic-range int8 weights).", flag="export_onnx")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """The run itself: its stages and folder, devices and strategy, seeds, saves, logs and fault handling."""
+
+    stages: tuple[str, ...] = option(("pretrain",), "Stages to run in order: pretrain (CosFace), finetune (CosFace "
+                                                    "fine-tuning with the meta stage's schedule and batches: the "
+                                                    "control MvCoM is credited against), meta (MvCoM).",
+                                     flag="stage")
     model_dir: str = option("runs/train", "Run folder: checkpoints/, tensorboard/, flags.txt, metrics.json, "
                                           "export/. Re-running with the same folder resumes.")
     init_checkpoint: str = option("", "Checkpoint (or folder) whose backbone and identity head start the first "
@@ -144,11 +206,10 @@ class TrainConfig:
     seed: int = option(0, "Seed of initialisation, data order and augmentation.")
     deterministic: bool = option(True, "tf.config.experimental.enable_op_determinism (resumed runs then end with "
                                        "the same weights as uninterrupted ones; may be slower on GPUs).")
+    max_steps: int = option(0, "Stop a stage after this many steps (0: no limit).", lower=0)
     checkpoint_every: int = option(2000, "Steps between checkpoints.", lower=1)
     keep_checkpoints: int = option(3, "Checkpoints kept per stage.", lower=1)
     log_every: int = option(100, "Steps between progress lines and TensorBoard scalars.", lower=1)
-    eval_batch_size: int = option(256, "Batch size of evaluation.", lower=1)
-    eval_every: int = option(0, "Steps between evaluations during a stage (0: only after it).", lower=0)
     nan_policy: str = option("stop", "A NaN or Inf loss: stop (the run ends naming the step and the last good "
                                      "checkpoint) or skip (such steps change nothing and are counted).",
                              choices=("stop", "skip"))
@@ -164,13 +225,62 @@ class TrainConfig:
                                           "policy); the embedding, margin logits, variation heads and meta-gradient "
                                           "stay float32; float16 adds dynamic loss scaling (pretrain stage only).",
                                   choices=("none", "bfloat16", "float16"))
-    export_dir: str = option("", "SavedModel folder; empty: <model_dir>/export.")
-    export_tflite: bool = option(False, "Also write <export_dir>_tflite/embedding_{float,int8}.tflite (float32, "
-                                        "and dynamic-range int8 weights).")
-    export_onnx: bool = option(False, "Also write <export_dir>_onnx/embedding_{float,int8}.onnx (tf2onnx, opset "
-                                      "17; int8: dynamic-range int8 weights).")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One run, in parts (`python -m mvcom_tf.train --helpfull` lists every part's flags)."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    head: IdentityHeadConfig = dataclasses.field(default_factory=IdentityHeadConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    pretrain: Schedule = dataclasses.field(default_factory=Schedule)
+    finetune: FineTuneSchedule = dataclasses.field(default_factory=FineTuneSchedule)
+    meta: MetaConfig = dataclasses.field(default_factory=MetaConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_flags(cls, **values: Any) -> TrainConfig:
+        """A config from flag-named values (`batch_size=64, meta_lr_tau=10.0`), the rest at their defaults."""
+        return cls().with_flags(**values)
+
+    def with_flags(self, **values: Any) -> TrainConfig:
+        """This config with the fields named by these flags replaced."""
+        changes: dict[str, dict[str, Any]] = {}
+        for name, value in values.items():
+            part, field = FLAG_FIELDS[name]
+            changes.setdefault(part, {})[field.name] = value
+        return dataclasses.replace(self, **{part: dataclasses.replace(getattr(self, part), **fields)
+                                            for part, fields in changes.items()})
+
+    def schedule(self, stage: str) -> Schedule:
+        """The stage's schedule: --epochs/--lr/--lr_steps for pretrain, --meta_epochs/... for finetune and meta."""
+        return self.finetune if stage in FINE_TUNING_STAGES else self.pretrain
 
     @property
     def global_meta_batch(self) -> int:
         """|V| over all replicas: --meta_batch_size, or the training batch size."""
-        return self.meta_batch_size or self.batch_size
+        return self.meta.batch_size or self.optimizer.batch_size
+
+
+def flag_fields() -> Iterator[tuple[str, str, dataclasses.Field]]:
+    """(flag name, part name, field) for every field of every part of TrainConfig, in declaration order."""
+    for part in dataclasses.fields(TrainConfig):
+        for field in dataclasses.fields(part.default_factory):
+            yield field.metadata["flag"] or field.name, part.name, field
+
+
+def _by_flag() -> dict[str, tuple[str, dataclasses.Field]]:
+    table: dict[str, tuple[str, dataclasses.Field]] = {}
+    for flag, part, field in flag_fields():
+        if flag in table:
+            raise TypeError(f"two config fields are both --{flag}")
+        table[flag] = (part, field)
+    return table
+
+
+# Flag name -> (part, field): how the flat flags map onto the parts.
+FLAG_FIELDS = _by_flag()

@@ -1,4 +1,4 @@
-"""The absl flags of `mvcom_tf.train`, defined and validated from TrainConfig's fields."""
+"""The absl flags of `mvcom_tf.train`, defined and validated from the fields of TrainConfig's parts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typing
 
 from absl import flags
 
-from mvcom_tf.config import FACTOR_LIST, FINE_TUNING_STAGES, STAGE_NAMES, TrainConfig
+from mvcom_tf.config import FACTOR_LIST, FINE_TUNING_STAGES, STAGE_NAMES, TrainConfig, flag_fields
 from mvcom_tf.evaluation.benchmark_spec import KINDS, parse_benchmark
 
 # The CPU demo's recipe: applied when the command names neither --train_data nor a flagfile.
@@ -16,15 +16,19 @@ DEMO_FLAGFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-    """Defines one flag per TrainConfig field, with its default, help text, bounds and validators."""
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        _define(field, hints[field.name], flag_values)
+    """Defines one flag per config field, with its default, help text, bounds and validators."""
+    for name, part, field in flag_fields():
+        _define(name, field, _field_type(part, field), flag_values)
     _register_validators(flag_values)
 
 
-def _define(field: dataclasses.Field, kind: type, flag_values: flags.FlagValues) -> None:
-    meta, name, default = field.metadata, field.name, field.default
+def _field_type(part: str, field: dataclasses.Field) -> type:
+    part_class = TrainConfig.__dataclass_fields__[part].default_factory
+    return typing.get_type_hints(part_class)[field.name]
+
+
+def _define(name: str, field: dataclasses.Field, kind: type, flag_values: flags.FlagValues) -> None:
+    meta, default = field.metadata, field.default
     common = {"name": name, "help": meta["help"], "flag_values": flag_values}
     if meta["choices"] and kind is str:
         flags.DEFINE_enum(default=default, enum_values=list(meta["choices"]), **common)
@@ -45,7 +49,7 @@ def _define(field: dataclasses.Field, kind: type, flag_values: flags.FlagValues)
             flags.register_validator(name, lambda values, n=length: _numbers(values) and (not n or len(values) == n),
                                      message, flag_values=flag_values)
     else:
-        raise TypeError(f"TrainConfig.{name}: no flag type for {kind}")
+        raise TypeError(f"--{name}: no flag type for {kind}")
 
 
 def _format(value) -> str:
@@ -108,15 +112,14 @@ def _register_validators(flag_values: flags.FlagValues) -> None:
 
 def config_from_flags(flag_values: flags.FlagValues) -> TrainConfig:
     """The parsed flags as a TrainConfig."""
-    hints = typing.get_type_hints(TrainConfig)
     values = {}
-    for field in dataclasses.fields(TrainConfig):
-        value = flag_values[field.name].value
-        if typing.get_origin(hints[field.name]) is tuple:
-            item = typing.get_args(hints[field.name])[0]
+    for name, part, field in flag_fields():
+        value, kind = flag_values[name].value, _field_type(part, field)
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
             value = tuple(item(v) for v in value)
-        values[field.name] = value
-    return TrainConfig(**values)
+        values[name] = value
+    return TrainConfig.from_flags(**values)
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
@@ -137,7 +140,7 @@ def config_of_run(model_dir: str, *overrides: str) -> TrainConfig:
     path = os.path.join(model_dir, "flags.txt")
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{model_dir} is not a run folder: it has no flags.txt")
-    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    names = {name for name, _, _ in flag_fields()}
     with tf.io.gfile.GFile(path) as f:
         # flags.txt holds absl's own flags too: keep the run's (a false bool is written --noname).
         kept = [line.strip() for line in f if line.startswith("--") and _flag_name(line.strip()) in names]
@@ -149,7 +152,7 @@ def _flag_name(arg: str) -> str:
     return name[2:] if name.startswith("no") and name[2:] in BOOL_FLAGS else name
 
 
-BOOL_FLAGS = frozenset(field.name for field in dataclasses.fields(TrainConfig) if field.type in (bool, "bool"))
+BOOL_FLAGS = frozenset(name for name, _, field in flag_fields() if field.type in (bool, "bool"))
 
 
 def flag_sources(argv: list[str]) -> dict[str, list[str]]:

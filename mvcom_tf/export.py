@@ -6,7 +6,6 @@ import os
 import tempfile
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data.pipeline import normalize_images
@@ -55,22 +54,6 @@ def export_tflite(saved_model_dir: str, out_dir: str) -> dict[str, str]:
     return paths
 
 
-def tflite_embeddings(model_path: str, images: np.ndarray) -> np.ndarray:
-    """Runs a TFLite embedding model image by image (its input has batch size 1)."""
-    with tf.io.gfile.GFile(model_path, "rb") as f:
-        interpreter = tf.lite.Interpreter(model_content=f.read())
-    input_detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(input_detail["index"], [1, *images.shape[1:]])
-    interpreter.allocate_tensors()
-    output_index = interpreter.get_output_details()[0]["index"]
-    outputs = []
-    for image in images:
-        interpreter.set_tensor(input_detail["index"], image[None].astype(np.uint8))
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(output_index)[0].copy())
-    return np.stack(outputs)
-
-
 ONNX_VARIANTS = ("float", "int8")
 # ONNX Runtime and TensorRT both run opset 17 (LayerNormalization, all ops this network needs).
 ONNX_OPSET = 17
@@ -104,12 +87,3 @@ def export_onnx(saved_model_dir: str, out_dir: str) -> dict[str, str]:
             paths[variant] = f"{out_dir}/embedding_{variant}.onnx"
             tf.io.gfile.copy(local[variant], paths[variant], overwrite=True)
     return paths
-
-
-def onnx_embeddings(model_path: str, images: np.ndarray) -> np.ndarray:
-    """Runs an ONNX embedding model with ONNX Runtime on CPU: uint8 images [B, H, W, 3] -> [B, E]."""
-    import onnxruntime
-
-    with tf.io.gfile.GFile(model_path, "rb") as f:
-        session = onnxruntime.InferenceSession(f.read(), providers=["CPUExecutionProvider"])
-    return session.run(["embedding"], {"images": images.astype(np.uint8)})[0]

@@ -68,6 +68,13 @@ class MarginStep:
         plain_target = self.head.scale * self.head.target_cosine(embeddings, labels)
         return identity_loss(logits, labels), wins_without_margin(logits, labels, plain_target)
 
+    def batch_loss(self, embeddings: tf.Tensor, labels: tf.Tensor,
+                   margins: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The loss this replica differentiates (its samples' margin losses summed over the global batch size, so
+        that replicas' gradients sum to the global mean's), with identity_losses' per-sample losses and wins."""
+        per_sample, correct = self.identity_losses(embeddings, labels, margins)
+        return tf.reduce_sum(per_sample) / self.global_batch, per_sample, correct
+
     def losses_and_gradients(self, images, labels, margins):
         """Per-sample losses, correctness, the gradients of the global-batch mean (backbone, then head
         variables) and the new BN statistics."""
@@ -76,8 +83,7 @@ class MarginStep:
         with tf.GradientTape() as tape:
             tape.watch(trainable_values)
             embeddings, statistics = self.forward(images, trainable_values)
-            per_sample, correct = self.identity_losses(embeddings, labels, margins)
-            loss = tf.reduce_sum(per_sample) / self.global_batch
+            loss, per_sample, correct = self.batch_loss(embeddings, labels, margins)
             if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
                 loss = self.optimizer.scale_loss(loss)  # its apply_gradients unscales (and skips non-finite)
         gradients = tape.gradient(loss, trainable_values + head_variables)

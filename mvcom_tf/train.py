@@ -16,38 +16,39 @@ import sys
 from absl import app, flags, logging
 
 from mvcom_tf.cli import define_command_flags, exit_now
-from mvcom_tf.config import TrainConfig
+from mvcom_tf.config import RuntimeConfig, TrainConfig
 from mvcom_tf.config_flags import DEMO_FLAGFILE, config_from_flags, define_flags, flag_sources
 
 DEMO_DATA = "data/synthetic"
 FLAGS = flags.FLAGS
 
 
-def _configure_devices(config: TrainConfig) -> None:
+def _configure_devices(runtime: RuntimeConfig) -> None:
     import tensorflow as tf
 
-    if config.cpu_replicas > 1:
+    if runtime.cpu_replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_replicas)
-    if config.deterministic:
+        devices = [tf.config.LogicalDeviceConfiguration()] * runtime.cpu_replicas
+        tf.config.set_logical_device_configuration(cpu, devices)
+    if runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
     import keras
 
-    keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
+    keras.utils.set_random_seed(runtime.seed)
+    if runtime.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(f"mixed_{runtime.mixed_precision}")
 
 
 def _make_demo_data_if_missing(config: TrainConfig) -> None:
     """Renders the demo's synthetic splits when a data flag names one of them and it is missing."""
     demo_folders = {f"{DEMO_DATA}/{split}" for split in ("train", "meta", "test")}
-    needed = {config.train_data, config.meta_data, *config.eval_data} & demo_folders
+    needed = {config.data.train_data, config.data.meta_data, *config.evaluation.benchmarks} & demo_folders
     if not needed or all(os.path.exists(posixpath.join(path, "dataset.json")) for path in needed):
         return
     from mvcom_tf.data import synthetic
 
     logging.info("making the demo's synthetic data under %s/ (once)", DEMO_DATA)
-    synthetic.write_demo_data(DEMO_DATA, config.image_size, config.seed)
+    synthetic.write_demo_data(DEMO_DATA, config.model.image_size, config.runtime.seed)
 
 
 def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
@@ -55,13 +56,14 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = config_from_flags(FLAGS)
-    if not config.train_data:
+    if not config.data.train_data:
         raise app.UsageError("--train_data is required (a flagfile without it names no training data)")
     for source, names in flag_sources(list(command)).items():
         logging.info("flags from %s: %s", source, ", ".join(names))
     logging.info("every other flag has its default (python -m mvcom_tf.train --helpfull)")
-    _configure_devices(config)
+    _configure_devices(config.runtime)
     from mvcom_tf.data.tfrecord import DatasetError  # TensorFlow starts here, after the device configuration
+    from mvcom_tf.training.checkpoints import CheckpointError
     from mvcom_tf.stages.build import build_stage, summarise_run
     from mvcom_tf.training import distribute, faults, loop
 
@@ -70,11 +72,11 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
             _make_demo_data_if_missing(config)
             import tensorflow as tf
 
-            tf.io.gfile.makedirs(config.model_dir)
-            with tf.io.gfile.GFile(posixpath.join(config.model_dir, "flags.txt"), "w") as f:
+            tf.io.gfile.makedirs(config.runtime.model_dir)
+            with tf.io.gfile.GFile(posixpath.join(config.runtime.model_dir, "flags.txt"), "w") as f:
                 f.write(FLAGS.flags_into_string())
         metrics = loop.run(config, build_stage, summarise_run)
-    except DatasetError as error:
+    except (DatasetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except faults.NonFiniteLoss as error:
@@ -84,7 +86,8 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
         print(f"stopped: {stopped}", file=sys.stderr)
         return 0
     logging.info("run folder %s: checkpoints/, tensorboard/ (tensorboard --logdir %s/tensorboard), flags.txt, "
-                 "metrics.json; SavedModel in %s", config.model_dir, config.model_dir, metrics["export_dir"])
+                 "metrics.json; SavedModel in %s", config.runtime.model_dir, config.runtime.model_dir,
+                 metrics["export_dir"])
     if "accuracy" in metrics:
         logging.info("verification accuracy %.4f", metrics["accuracy"])
     return 0

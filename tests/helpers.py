@@ -10,11 +10,8 @@ import tensorflow as tf
 
 from mvcom_tf.config import TrainConfig
 from mvcom_tf.data import schema
-from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.iresnet import build_iresnet
-from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead
-from mvcom_tf.stages.build import build_meta_step
-from mvcom_tf.steps import MarginStep, ShardedMarginStep
+from mvcom_tf.stages.build import build_margin_step, build_meta_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = f"--flagfile={REPO}/flags/demo.cfg"
@@ -23,7 +20,8 @@ DEMO = f"--flagfile={REPO}/flags/demo.cfg"
 TINY = [DEMO, "--backbone=iresnet18", "--width_multiplier=0.125", "--embedding_size=16", "--batch_size=16",
         "--stage=pretrain", "--log_every=2"]
 NUM_IDS, BATCH, META, SIZE, ETA = 6, 8, 8, 16, 0.5
-CONTRASTIVE_SCALE = 4.0
+# The identity head's scale s, which the verification objective also scores the meta batch at.
+SCALE = 8.0
 
 
 def run_module(args, cwd=REPO, timeout=600, env=None):
@@ -64,48 +62,42 @@ def make_batches(seed=0):
 def small_backbone(sync_bn):
     """conv-BN-PReLU twice, then the IResNet output block: the meta step only needs the `output_` names.
 
-    Under MirroredStrategy every synchronised BatchNorm adds all-reduces whose custom gradients
-    TensorFlow traces slowly at second order; this keeps the distributed check quick."""
-    if not sync_bn:
-        return build_iresnet("iresnet18", SIZE, 8, width_multiplier=0.0625)
+    Tracing the second-order pass through a whole IResNet takes most of a meta-step test's time
+    (under MirroredStrategy every synchronised BatchNorm adds all-reduces whose custom gradients
+    TensorFlow traces slowly at second order); this keeps the checks quick. One check runs the real
+    network (build(network="iresnet18"))."""
     from mvcom_tf.models.iresnet import SyncBatchNormalization
 
+    norm = SyncBatchNormalization if sync_bn else keras.layers.BatchNormalization
     inputs = keras.Input((SIZE, SIZE, 3))
     x = inputs
     for index in range(2):
         x = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False, name=f"conv{index}")(x)
-        x = SyncBatchNormalization(name=f"bn{index}")(x)
+        x = norm(name=f"bn{index}")(x)
         x = keras.layers.PReLU(shared_axes=[1, 2], name=f"prelu{index}")(x)
-    x = SyncBatchNormalization(name="output_bn")(x)
+    x = norm(name="output_bn")(x)
     x = keras.layers.Flatten(name="output_flatten")(x)
     x = keras.layers.Dense(8, name="output_fc")(x)
-    outputs = SyncBatchNormalization(name="output_features", scale=False)(x)
+    outputs = norm(name="output_features", scale=False)(x)
     return keras.Model(inputs, outputs)
 
 
 def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False, sharded=False,
-          objective="variation"):
-    """The meta step (mvcom_tf.stages.build's wiring) around a small backbone, in float64 under the float64 fixture;
-    `sharded`: its identity centres split over the replicas (the same initial values)."""
-    config = TrainConfig(batch_size=BATCH, meta_batch_size=META, embedding_size=8, meta_lr_tau=tau, meta_inner_lr=ETA,
-                         residual_max=1e9, meta_scope=scope, factor_weights=weights, meta_sampling="random",
-                         variation_lr=0.1, momentum=0.9, weight_decay=0.0, meta_objective=objective,
-                         meta_images_per_identity=2, scale=CONTRASTIVE_SCALE)
+          objective="variation", network="small"):
+    """The meta step (mvcom_tf.stages.build's wiring) around a small backbone (or network="iresnet18", a narrow
+    IResNet-18), in float64 under the float64 fixture; `sharded`: its identity centres split over the replicas
+    (the same initial values)."""
+    config = TrainConfig.from_flags(
+        batch_size=BATCH, meta_batch_size=META, embedding_size=8, meta_lr_tau=tau, meta_inner_lr=ETA,
+        residual_max=1e9, meta_scope=scope, factor_weights=weights, meta_sampling="random", variation_lr=0.1,
+        momentum=0.9, weight_decay=0.0, meta_objective=objective, meta_images_per_identity=2, scale=SCALE,
+        lr=0.1, lr_steps=(), head_sharding="sharded" if sharded else "replicated")
     keras.utils.set_random_seed(1)
     with strategy.scope():
-        backbone = small_backbone(sync_bn)
-        head = MarginHead(NUM_IDS, scale=8.0)
-        head.build((None, 8))
-        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-        optimizer.build(backbone.trainable_variables + ([] if sharded else head.trainable_variables))
+        backbone = (build_iresnet("iresnet18", SIZE, 8, width_multiplier=0.0625, sync_bn=sync_bn)
+                    if network == "iresnet18" else small_backbone(sync_bn))
     prior = tf.constant(np.linspace(0.25, 0.45, NUM_IDS), keras.config.floatx())
-    if sharded:
-        centres = ShardedCentres.for_strategy(strategy, NUM_IDS, 8, dtype=keras.config.floatx())
-        centres.assign_full(head.kernel)
-        margin_step = ShardedMarginStep(backbone, ShardedMarginHead(centres, scale=8.0, global_batch=BATCH),
-                                        optimizer, prior, BATCH, momentum=0.9, weight_decay=0.0)
-    else:
-        margin_step = MarginStep(backbone, head, optimizer, prior, BATCH)
+    margin_step = build_margin_step(config, NUM_IDS, prior, strategy, backbone=backbone)
     with strategy.scope():
         meta_step, _ = build_meta_step(config, margin_step, {}, strategy.num_replicas_in_sync)
         for layer in meta_step.heads.classifiers.values():  # non-trivial heads: every factor's loss has a gradient

@@ -8,32 +8,48 @@ import pathlib
 import pytest
 from absl import flags
 
-from mvcom_tf.config import TrainConfig
+from mvcom_tf.config import TrainConfig, flag_fields
 from mvcom_tf.config_flags import DEMO_FLAGFILE, define_flags, flag_sources, parse_config
 from mvcom_tf.train import with_demo_unless_data
 from tests.helpers import DEMO, REPO, run_module
 
 
-def test_every_field_is_a_flag_with_the_fields_default():
+def test_every_field_of_every_part_is_a_flag_with_the_fields_default():
     flag_values = flags.FlagValues()
     define_flags(flag_values)
-    fields = dataclasses.fields(TrainConfig)
-    assert {field.name for field in fields} <= set(flag_values)
+    named = list(flag_fields())
+    assert len(named) == len({name for name, _, _ in named}) == 67
+    assert {name for name, _, _ in named} <= set(flag_values)
     parsed = parse_config(["--train_data=x"])
-    for field in fields:
-        expected = "x" if field.name == "train_data" else field.default
-        assert getattr(parsed, field.name) == expected, field.name
+    for name, part, field in named:
+        expected = "x" if name == "train_data" else field.default
+        assert getattr(getattr(parsed, part), field.name) == expected, name
+        assert flag_values[name].help.endswith(field.metadata["help"]), name
+    # A flag named differently from its field reaches that field, and replacing by flag name keeps the rest.
+    tuned = parse_config(["--train_data=x", "--meta_lr_tau=12", "--meta_epochs=3", "--stage=pretrain,meta",
+                          "--meta_data=m"])
+    assert (tuned.meta.tau, tuned.finetune.epochs, tuned.pretrain.epochs) == (12.0, 3, 30)
+    assert tuned.runtime.stages == ("pretrain", "meta") and tuned.schedule("meta") == tuned.finetune
+    assert tuned.with_flags(meta_lr_tau=0.0) == dataclasses.replace(tuned, meta=dataclasses.replace(tuned.meta,
+                                                                                                    tau=0.0))
+    assert TrainConfig.from_flags(train_data="x", meta_lr_tau=12.0, meta_epochs=3, stage=("pretrain", "meta"),
+                                  meta_data="m") == tuned
+    with pytest.raises(KeyError):
+        TrainConfig.from_flags(meta_tau=1.0)
 
 
 def test_the_defaults_are_the_papers_and_the_demo_is_a_flagfile():
     config = parse_config(["--train_data=x"])
-    assert (config.backbone, config.width_multiplier, config.embedding_size, config.scale) == (
-        "iresnet100", 1.0, 512, 64.0)
-    assert (config.stage, config.eval_data, config.meta_data, config.image_size) == (("pretrain",), (), "", 112)
+    assert (config.model.backbone, config.model.width_multiplier, config.model.embedding_size,
+            config.head.scale) == ("iresnet100", 1.0, 512, 64.0)
+    assert (config.runtime.stages, config.evaluation.benchmarks, config.data.meta_data,
+            config.model.image_size) == (("pretrain",), (), "", 112)
     demo = parse_config([DEMO])
-    assert (demo.width_multiplier, demo.embedding_size, demo.scale, demo.image_size) == (0.25, 128, 16.0, 32)
-    assert demo.stage == ("pretrain", "finetune", "meta") and demo.eval_data == ("data/synthetic/test",)
-    assert demo.meta_lr_steps == () and (demo.checkpoint_every, demo.log_every) == (200, 20)
+    assert (demo.model.width_multiplier, demo.model.embedding_size, demo.head.scale, demo.model.image_size) == (
+        0.25, 128, 16.0, 32)
+    assert demo.runtime.stages == ("pretrain", "finetune", "meta")
+    assert demo.evaluation.benchmarks == ("data/synthetic/test",)
+    assert demo.finetune.lr_steps == () and (demo.runtime.checkpoint_every, demo.runtime.log_every) == (200, 20)
     demo_file = f"--flagfile={DEMO_FLAGFILE}"
     assert with_demo_unless_data(["mvcom-train"]) == ["mvcom-train", demo_file]
     # The demo's flags first, so that the command's own win.

@@ -14,8 +14,9 @@ from tests.helpers import DEMO
 def train_steps(strategy, config, steps=2):
     keras.utils.set_random_seed(0)
     stage = build_stage(config, "pretrain", strategy)
-    iterator = distributed_batches(strategy, stage.train, InputOptions(config.image_size, config.shuffle_buffer),
-                                   range(max(steps, 1)), stage.steps_per_epoch, DecodeFailures())
+    options = InputOptions(config.model.image_size, config.data.shuffle_buffer)
+    iterator = distributed_batches(strategy, stage.train, options, range(max(steps, 1)), stage.steps_per_epoch,
+                                   DecodeFailures())
 
     @tf.function
     def run(iterator):

@@ -5,9 +5,34 @@ import pytest
 import tensorflow as tf
 
 from mvcom_tf.data.tfrecord import iterate_records
-from mvcom_tf.export import (export_onnx, export_saved_model, export_tflite, onnx_embeddings,
-                             tflite_embeddings)
+from mvcom_tf.export import export_onnx, export_saved_model, export_tflite
 from mvcom_tf.models.iresnet import build_iresnet
+
+
+def tflite_embeddings(model_path: str, images: np.ndarray) -> np.ndarray:
+    """Runs a TFLite embedding model image by image (its input has batch size 1)."""
+    with tf.io.gfile.GFile(model_path, "rb") as f:
+        interpreter = tf.lite.Interpreter(model_content=f.read())
+    input_detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(input_detail["index"], [1, *images.shape[1:]])
+    interpreter.allocate_tensors()
+    output_index = interpreter.get_output_details()[0]["index"]
+    outputs = []
+    for image in images:
+        interpreter.set_tensor(input_detail["index"], image[None].astype(np.uint8))
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(output_index)[0].copy())
+    return np.stack(outputs)
+
+
+def onnx_embeddings(model_path: str, images: np.ndarray) -> np.ndarray:
+    """Runs an ONNX embedding model with ONNX Runtime on CPU: uint8 images [B, H, W, 3] -> [B, E]."""
+    import onnxruntime
+
+    with tf.io.gfile.GFile(model_path, "rb") as f:
+        session = onnxruntime.InferenceSession(f.read(), providers=["CPUExecutionProvider"])
+    return session.run(["embedding"], {"images": images.astype(np.uint8)})[0]
+
 
 FORMATS = {"tflite": (export_tflite, tflite_embeddings), "onnx": (export_onnx, onnx_embeddings)}
 

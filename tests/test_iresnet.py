@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mvcom_tf.models.iresnet import build_iresnet, output_block_variables
+from mvcom_tf.models.iresnet import build_iresnet, output_block_layers
 
 
 def count(variables):
@@ -34,7 +34,11 @@ def test_rejects_bad_sizes_and_names():
 
 def test_output_block_is_the_last_bn_dense_bn():
     model = build_iresnet("iresnet18", 32, 16, width_multiplier=0.125)
-    names = {v.path.split("/")[0] for v in output_block_variables(model)}
+    layers = output_block_layers(model)
+    assert [layer.name for layer in layers] == ["output_bn", "output_dropout", "output_flatten", "output_fc",
+                                                "output_features"]
+    assert layers[-1] is model.layers[-1]
+    names = {v.path.split("/")[0] for layer in layers for v in layer.trainable_variables}
     assert names == {"output_bn", "output_fc", "output_features"}
 
 

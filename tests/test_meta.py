@@ -10,7 +10,7 @@ from mvcom_tf.losses.contrastive import class_balanced_sums, contrastive_losses
 from mvcom_tf.losses.margins import class_aware_margins
 from mvcom_tf.training.distribute import make_strategy
 from mvcom_tf.meta.sampling import select_meta_batch
-from tests.helpers import BATCH, CONTRASTIVE_SCALE, ETA, META, build, make_batches
+from tests.helpers import BATCH, ETA, META, SCALE, build, make_batches
 
 
 def residuals_under(strategy, meta_step, batch, meta):
@@ -64,11 +64,12 @@ def variation_losses_after_pseudo_update(meta_step, batch, meta, margins):
     return losses
 
 
-@pytest.mark.parametrize("strategy_name,scope,sync_bn", [
-    ("default", "all", False), ("default", "head", False), ("default", "all", True), ("mirrored", "all", True)])
-def test_residual_update_is_minus_tau_times_the_finite_difference(float64, strategy_name, scope, sync_bn):
+@pytest.mark.parametrize("strategy_name,scope,sync_bn,network", [
+    ("default", "all", False, "iresnet18"), ("default", "head", False, "small"), ("default", "all", True, "small"),
+    ("mirrored", "all", True, "small")])
+def test_residual_update_is_minus_tau_times_the_finite_difference(float64, strategy_name, scope, sync_bn, network):
     strategy = make_strategy(strategy_name)
-    meta_step = build(strategy, scope=scope, tau=1.0, sync_bn=sync_bn)
+    meta_step = build(strategy, scope=scope, tau=1.0, sync_bn=sync_bn, network=network)
     batch, meta = make_batches()
     residuals = residuals_under(strategy, meta_step, batch, meta)
     prior = meta_step.margin_step.margins(batch).numpy()
@@ -110,7 +111,7 @@ def verification_objective_after_pseudo_update(meta_step, batch, meta, margins, 
     identities = meta["identity"].numpy()
     n = META // replicas
     per_sample = np.concatenate([supervised_contrastive(features[r * n:(r + 1) * n], identities[r * n:(r + 1) * n],
-                                                        CONTRASTIVE_SCALE) for r in range(replicas)])
+                                                        SCALE) for r in range(replicas)])
     return {factor: class_balanced(per_sample, meta[factor].numpy(), factor) for factor in schema.FACTORS}
 
 

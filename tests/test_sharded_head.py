@@ -6,14 +6,13 @@ import pytest
 import tensorflow as tf
 
 from mvcom_tf.data import schema
-from mvcom_tf.models.heads import MarginHead
-from mvcom_tf.models.iresnet import build_iresnet
-from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, ShardLayout, default_devices
-from mvcom_tf.steps import MarginStep, ShardedMarginStep
+from mvcom_tf.config import TrainConfig
 from mvcom_tf.config_flags import parse_config
-from mvcom_tf.stages.build import build_stage
+from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, ShardLayout, default_devices
+from mvcom_tf.stages.build import build_margin_step, build_stage
+from mvcom_tf.steps import ShardedMarginStep
 from mvcom_tf.training.distribute import make_strategy
-from tests.helpers import TINY, build as build_meta, data_flags, make_batches, run_module
+from tests.helpers import TINY, build as build_meta, data_flags, make_batches, run_module, small_backbone
 
 CLASSES, BATCH, SIZE, EMBEDDING, SCALE, MOMENTUM, DECAY = 11, 8, 16, 8, 8.0, 0.9, 5e-4
 
@@ -29,22 +28,17 @@ def batches(count, seed=0):
     return out
 
 
-def build(strategy, sharded, rate=1.0):
-    """A small synchronised-BN network and its margin step, replicated or sharded; the same initial weights."""
+def build(strategy, sharded):
+    """A small synchronised-BN network and its margin step (the stage builder's), replicated or sharded; the same
+    initial weights."""
     keras.utils.set_random_seed(0)
-    margins = tf.constant(np.linspace(0.2, 0.4, CLASSES), keras.config.floatx())
+    config = TrainConfig.from_flags(embedding_size=EMBEDDING, scale=SCALE, batch_size=BATCH, lr=0.1, lr_steps=(),
+                                    momentum=MOMENTUM, weight_decay=DECAY,
+                                    head_sharding="sharded" if sharded else "replicated")
     with strategy.scope():
-        backbone = build_iresnet("iresnet18", SIZE, EMBEDDING, width_multiplier=0.0625, sync_bn=True)
-        head = MarginHead(CLASSES, scale=SCALE)
-        head.build((None, EMBEDDING))
-        optimizer = keras.optimizers.SGD(0.1, momentum=MOMENTUM, weight_decay=DECAY)
-        optimizer.build(backbone.trainable_variables + ([] if sharded else head.trainable_variables))
-        if not sharded:
-            return MarginStep(backbone, head, optimizer, margins, BATCH)
-    centres = ShardedCentres(CLASSES, EMBEDDING, default_devices(strategy), dtype=keras.config.floatx())
-    centres.assign_full(head.kernel)
-    sharded_head = ShardedMarginHead(centres, scale=SCALE, sample_rate=rate, global_batch=BATCH)
-    return ShardedMarginStep(backbone, sharded_head, optimizer, margins, BATCH, MOMENTUM, DECAY)
+        backbone = small_backbone(sync_bn=True)
+    margins = tf.constant(np.linspace(0.2, 0.4, CLASSES), keras.config.floatx())
+    return build_margin_step(config, CLASSES, margins, strategy, backbone=backbone)
 
 
 def run_steps(strategy, step, data):
@@ -134,7 +128,7 @@ def test_a_seed_starts_both_heads_from_the_same_centres(tiny_data):
     stages = {}
     for sharding in ("replicated", "sharded"):
         config = parse_config([*TINY, *data_flags(tiny_data), f"--head_sharding={sharding}", "--seed=4"])
-        keras.utils.set_random_seed(config.seed)
+        keras.utils.set_random_seed(config.runtime.seed)
         stages[sharding] = build_stage(config, "pretrain", strategy)
     replicated, sharded = stages["replicated"], stages["sharded"]
     assert [len(k.numpy()[0]) for k in sharded.head.kernels] == [30, 30]

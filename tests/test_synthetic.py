@@ -27,13 +27,13 @@ def test_train_split_is_long_tailed_as_configured(tiny_data):
     for factor, probs in (("pose", config.pose_probs), ("occlusion", config.occlusion_probs),
                           ("blur", config.blur_probs)):
         histogram = np.array(info.histograms[factor])
-        assert int(np.argmax(histogram)) == schema.HEAD_CLASS[factor]
+        assert int(np.argmax(histogram)) == synthetic.HEAD_CLASS[factor]
         # The head class holds about its configured share of the images (binomial 4-sigma band).
         p, n = max(probs), info.num_images
         assert abs(histogram.max() - p * n) < 4 * np.sqrt(n * p * (1 - p)) + 1
     group_of = {r.identity: r.ethnicity for r in iterate_records(str(tiny_data / "train"))}
     identities_per_group = collections.Counter(group_of.values())
-    assert identities_per_group.most_common(1)[0] == (schema.HEAD_CLASS["ethnicity"], identities_per_group[2])
+    assert identities_per_group.most_common(1)[0] == (synthetic.HEAD_CLASS["ethnicity"], identities_per_group[2])
     assert identities_per_group[2] > 0.5 * len(group_of)
 
 

@@ -30,7 +30,8 @@ import tensorflow as tf
 
 from mvcom_tf.data import images, recordio, schema
 from mvcom_tf.data.detection import DETECT_BATCH
-from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, LabelCounter, SplitWriter, shard_name, write_json
+from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, LabelCounter, SplitWriter, shard_name
+from mvcom_tf.files import write_json
 
 REPORT_FILE = "report.json"
 STATE_DIR = "conversion"

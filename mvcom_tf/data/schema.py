@@ -20,8 +20,6 @@ CLASS_NAMES = {
     "ethnicity": ("African", "Asian", "Caucasian", "Indian"),
 }
 NUM_CLASSES = {factor: len(names) for factor, names in CLASS_NAMES.items()}
-# The class a face most often has in web-crawled training data ("head" of each factor).
-HEAD_CLASS = {"pose": 3, "occlusion": 0, "blur": 0, "ethnicity": 2}
 # Upper edges of the pose bins in degrees of yaw (positive yaw: the face turns to its left).
 POSE_BIN_EDGES = (-60.0, -35.0, -15.0, 15.0, 35.0, 60.0)
 

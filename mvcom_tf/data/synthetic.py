@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from mvcom_tf.data import schema
 from mvcom_tf.data.synthesis import BLUR_SIGMA_AT_64
-from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, SplitWriter, read_info, write_text
+from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, SplitWriter, read_info
+from mvcom_tf.files import write_text
 
 SPLITS = ("train", "meta", "test", "val")
 # Splits draw identities from disjoint ranges of the global identity index.
@@ -331,12 +332,19 @@ def _meta_plan(config: SplitConfig) -> list[_Planned]:
     return plan
 
 
+# Each factor's class that the synthetic training data makes most frequent, as web-crawled data does (its "head"
+# class: frontal, unoccluded, sharp, Caucasian); pair splits render their clean anchors and probes with it.
+HEAD_CLASS = {"pose": 3, "occlusion": 0, "blur": 0, "ethnicity": 2}
+CLEAN = (HEAD_CLASS["pose"], HEAD_CLASS["occlusion"], HEAD_CLASS["blur"])  # (pose, occlusion, blur)
+
+
 def _probe_variations() -> list[tuple[int, int, int]]:
     """(pose, occlusion, blur) of the probe images: one clean, then one per non-head class of each factor."""
-    variations = [(3, 0, 0)]
-    variations += [(pose, 0, 0) for pose in range(7) if pose != 3]
-    variations += [(3, occlusion, 0) for occlusion in range(1, 5)]
-    variations += [(3, 0, blur) for blur in range(1, 4)]
+    frontal = HEAD_CLASS["pose"]
+    variations = [CLEAN]
+    variations += [(pose, 0, 0) for pose in range(7) if pose != frontal]
+    variations += [(frontal, occlusion, 0) for occlusion in range(1, 5)]
+    variations += [(frontal, 0, blur) for blur in range(1, 4)]
     return variations
 
 
@@ -348,7 +356,7 @@ def images_per_identity(config: SplitConfig) -> int:
 def _pair_plan(config: SplitConfig, split: str) -> list[_Planned]:
     """Per identity: `pair_anchors` clean images, then the probes of `_probe_variations`."""
     plan = []
-    variations = [(3, 0, 0)] * config.pair_anchors + _probe_variations()
+    variations = [CLEAN] * config.pair_anchors + _probe_variations()
     for local_id in range(config.num_identities):
         for index, (pose, occlusion, blur) in enumerate(variations):
             plan.append(_Planned(local_id, _SPLIT_OFFSET[split] + local_id, local_id % 4, index,
@@ -359,9 +367,9 @@ def _pair_plan(config: SplitConfig, split: str) -> list[_Planned]:
 def _pair_labels(pose: int, occlusion: int, blur: int, group: int) -> dict[str, int]:
     """The groups a pair counts for: the factor its probe varies (every factor's head class for a clean probe)."""
     labels = {"pose": -1, "occlusion": -1, "blur": -1, "ethnicity": group}
-    if (pose, occlusion, blur) == (3, 0, 0):
-        labels.update(pose=3, occlusion=0, blur=0)
-    elif pose != 3:
+    if (pose, occlusion, blur) == CLEAN:
+        labels.update(pose=pose, occlusion=occlusion, blur=blur)
+    elif pose != HEAD_CLASS["pose"]:
         labels["pose"] = pose
     elif occlusion:
         labels["occlusion"] = occlusion

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator
 import tensorflow as tf
 
 from mvcom_tf.data import schema
+from mvcom_tf.files import write_json
 
 INFO_FILE = "dataset.json"
 
@@ -181,19 +182,6 @@ class SplitWriter:
         )
         write_json(posixpath.join(self.out_dir, INFO_FILE), info.to_json())
         return info
-
-
-def write_text(path: str, text: str) -> None:
-    """Writes a text file through tf.io.gfile, atomically (temporary name, then rename)."""
-    temporary = path + ".incomplete"
-    with tf.io.gfile.GFile(temporary, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
-def write_json(path: str, data: Any) -> None:
-    """Writes JSON atomically."""
-    write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def iterate_records(data_dir: str) -> Iterator[schema.FaceRecord]:

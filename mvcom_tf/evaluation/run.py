@@ -52,7 +52,7 @@ def evaluate(model: str, benchmarks: list[str], output_dir: str, batch_size: int
     import tensorflow as tf
 
     from mvcom_tf.data.figures import to_rgb
-    from mvcom_tf.data.tfrecord import write_json
+    from mvcom_tf.files import write_json
     from mvcom_tf.evaluation.protocols import run_benchmark
 
     embed, size = load_embedder(model, image_size, onnx_input)

@@ -25,13 +25,14 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from mvcom_tf.config import MetaConfig
 from mvcom_tf.data import schema
 from mvcom_tf.losses.contrastive import class_balanced_sums, contrastive_losses
 from mvcom_tf.losses.margins import variation_losses
 from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.meta.statistics import MetaSamples, MetaSums, VariationSums, residual_sums, tail_sums
 from mvcom_tf.models.heads import VariationHeads
-from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX
+from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX, output_block_layers
 from mvcom_tf.steps import MarginStep
 from mvcom_tf.training.metrics import StepOutput, StepSums, sums_of_samples
 
@@ -66,7 +67,7 @@ class OutputBlock:
     the meta batch goes through the trunk once, and through the block at the pseudo and at the current weights."""
 
     def __init__(self, backbone: keras.Model) -> None:
-        self.layers = [layer for layer in backbone.layers if layer.name.startswith(OUTPUT_BLOCK_PREFIX)]
+        self.layers = output_block_layers(backbone)
         self.trunk = keras.Model(backbone.inputs, self.layers[0].input)
 
     def trunk_features(self, images: tf.Tensor) -> tf.Tensor:
@@ -91,39 +92,41 @@ class MetaStep:
     """The MvCoM iteration (a)-(e) and the meta stage's two warm-ups, as replica steps on (batch, meta_pool)."""
 
     def __init__(self, margin_step: MarginStep, variation_heads: VariationHeads,
-                 heads_optimizer: keras.optimizers.Optimizer, *, tau: float, inner_lr: float, residual_max: float,
-                 scope: str, factor_weights: tuple[float, ...], sampling: str, meta_batch_size: int,
-                 global_meta_batch_size: int, head_classes: dict[str, int] | None = None,
-                 head_optimizer: keras.optimizers.Optimizer | None = None, objective: str = "variation",
-                 group_size: int = 1, contrastive_scale: float = 16.0) -> None:
-        if scope not in META_SCOPES:
-            raise ValueError(f"unknown meta scope {scope!r}; expected one of {META_SCOPES}")
-        if objective not in META_OBJECTIVES:
-            raise ValueError(f"unknown meta objective {objective!r}; expected one of {META_OBJECTIVES}")
-        # verification: V is P identities x K images (K = group_size), scored at cosine scale contrastive_scale.
-        self.objective, self.group_size, self.contrastive_scale = objective, group_size, contrastive_scale
-        self.margin_step, self.heads, self.heads_optimizer = margin_step, variation_heads, heads_optimizer
-        self.tau, self.inner_lr, self.residual_max = tau, inner_lr, residual_max
-        self.factor_weights = dict(zip(schema.FACTORS, factor_weights))
+                 variation_optimizer: keras.optimizers.Optimizer, settings: MetaConfig, *, replicas: int,
+                 head_classes: dict[str, int] | None = None,
+                 identity_head_optimizer: keras.optimizers.Optimizer | None = None,
+                 contrastive_scale: float = 16.0) -> None:
+        """`settings.batch_size` is |V| over all replicas (resolved: not 0); `identity_head_optimizer` trains the
+        identity head alone in `head_warmup`; the verification objective scores V at cosine scale
+        `contrastive_scale`."""
+        if settings.scope not in META_SCOPES:
+            raise ValueError(f"unknown meta scope {settings.scope!r}; expected one of {META_SCOPES}")
+        if settings.objective not in META_OBJECTIVES:
+            raise ValueError(f"unknown meta objective {settings.objective!r}; expected one of {META_OBJECTIVES}")
+        if settings.batch_size <= 0 or settings.batch_size % replicas:
+            raise ValueError(f"the meta batch ({settings.batch_size}) must be a positive multiple of the "
+                             f"{replicas} replica(s)")
+        self.settings, self.contrastive_scale = settings, contrastive_scale
+        self.margin_step, self.heads, self.variation_optimizer = margin_step, variation_heads, variation_optimizer
+        self.identity_head_optimizer = identity_head_optimizer
+        self.factor_weights = dict(zip(schema.FACTORS, settings.factor_weights))
         # |V| on this replica and over all replicas (the variation losses are means over the global V).
-        self.sampling = sampling
-        self.meta_batch_size, self.global_meta_batch_size = meta_batch_size, global_meta_batch_size
-        self.head_optimizer = head_optimizer
+        self.meta_batch_size, self.global_meta_batch_size = settings.batch_size // replicas, settings.batch_size
         # Each factor's most frequent class in the training split: the others are its tail, for
         # the correlation of the learned residuals with tail membership (seed Sec. E).
         self.head_classes = head_classes or {}
         backbone = margin_step.backbone
-        self.pseudo_mask = [scope == "all" or v.path.startswith(OUTPUT_BLOCK_PREFIX)
+        self.pseudo_mask = [settings.scope == "all" or v.path.startswith(OUTPUT_BLOCK_PREFIX)
                             for v in backbone.trainable_variables]
-        self.output_block = OutputBlock(backbone) if scope == "head" else None
+        self.output_block = OutputBlock(backbone) if settings.scope == "head" else None
 
     # ------------------------------------------------------------------ pieces
 
     def eta(self) -> tf.Tensor:
         """The pseudo-update step size: --meta_inner_lr, or the optimizer's current learning rate."""
         dtype = keras.config.floatx()
-        if self.inner_lr:
-            return tf.constant(self.inner_lr, dtype)
+        if self.settings.inner_lr:
+            return tf.constant(self.settings.inner_lr, dtype)
         return tf.cast(self.margin_step.optimizer.learning_rate, dtype)
 
     def variation_loss_sums(self, embeddings, labels) -> tuple[dict, dict]:
@@ -136,7 +139,7 @@ class MetaStep:
         """Per factor k, the loss on V whose derivative drives r^k: L_var^k (Eq. 13), or the verification
         objective, the contrastive loss of V with every class of factor k weighted equally."""
         labels = {factor: meta_batch[factor] for factor in schema.FACTORS}
-        if self.objective == "variation":
+        if self.settings.objective == "variation":
             return self.variation_loss_sums(embeddings, labels)[0]
         per_anchor = contrastive_losses(embeddings, meta_batch["identity"], self.contrastive_scale)
         return class_balanced_sums(per_anchor, labels)
@@ -148,7 +151,8 @@ class MetaStep:
     def select(self, batch, meta_pool):
         """The meta batch V drawn from the pool by --meta_sampling against the training batch's labels."""
         labels = {factor: batch[factor] for factor in schema.FACTORS}
-        return select_meta_batch(meta_pool, labels, self.meta_batch_size, self.sampling, self.group_size)
+        return select_meta_batch(meta_pool, labels, self.meta_batch_size, self.settings.sampling,
+                                 self.settings.group_size)
 
     def meta_embeddings(self, meta_batch, pseudo_weights, trunk_features):
         """The meta batch's embeddings at the pseudo-updated weights (statistics dropped)."""
@@ -173,8 +177,7 @@ class MetaStep:
             with tf.GradientTape(persistent=True) as inner:
                 inner.watch(weights)
                 embeddings, statistics = step.forward(images, weights)
-                per_sample, _ = step.identity_losses(embeddings, labels, margins)
-                loss = tf.reduce_sum(per_sample) / step.global_batch
+                loss, _, _ = step.batch_loss(embeddings, labels, margins)
             gradients = inner.gradient(loss, [w for w, chosen in zip(weights, self.pseudo_mask) if chosen])
             if context is not None and context.num_replicas_in_sync > 1:
                 gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
@@ -187,7 +190,8 @@ class MetaStep:
                 columns.append(tf.zeros_like(prior))
                 continue
             derivative = outer.gradient(losses[factor], zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            columns.append(tf.clip_by_value(-self.tau * weight * derivative, -self.residual_max, self.residual_max))
+            columns.append(tf.clip_by_value(-self.settings.tau * weight * derivative, -self.settings.residual_max,
+                                            self.settings.residual_max))
         del outer
         return tf.stack(columns, axis=1), RecordedForward(inner, weights, embeddings, statistics)
 
@@ -203,7 +207,7 @@ class MetaStep:
     @property
     def learns_residuals(self) -> bool:
         """False when tau or every factor weight is 0: the residuals are then 0 and not computed."""
-        return self.tau != 0 and any(weight != 0 for weight in self.factor_weights.values())
+        return self.settings.tau != 0 and any(weight != 0 for weight in self.factor_weights.values())
 
     def real_update(self, batch, margins, recorded: RecordedForward):
         """Step (d): gradients at the final margins, the backbone's by replaying the recorded backward pass."""
@@ -213,8 +217,7 @@ class MetaStep:
         head_variables = step.head_variables
         with tf.GradientTape() as tape:
             tape.watch(features)
-            per_sample, correct = step.identity_losses(features, labels, margins)
-            loss = tf.reduce_sum(per_sample) / step.global_batch
+            loss, per_sample, correct = step.batch_loss(features, labels, margins)
         feature_gradient, *head_gradients = tape.gradient(loss, [features, *head_variables])
         backbone_gradients = recorded.tape.gradient(recorded.embeddings, recorded.weights,
                                                     output_gradients=feature_gradient)
@@ -235,7 +238,7 @@ class MetaStep:
             losses, logits = self.variation_loss_sums(embeddings, labels)
             total = tf.add_n(list(losses.values()))
         gradients = tape.gradient(total, self.heads.trainable_variables)
-        self.heads_optimizer.apply_gradients(zip(gradients, self.heads.trainable_variables))
+        self.variation_optimizer.apply_gradients(zip(gradients, self.heads.trainable_variables))
         sums = VariationSums({}, {}, {})
         for factor in schema.FACTORS:
             known = labels[factor] >= 0
@@ -279,10 +282,9 @@ class MetaStep:
         features = tf.stop_gradient(step.backbone(batch["image"], training=False))
         labels, margins = batch["identity"], step.margins(batch)
         with tf.GradientTape() as tape:
-            per_sample, correct = step.identity_losses(features, labels, margins)
-            loss = tf.reduce_sum(per_sample) / step.global_batch
+            loss, per_sample, correct = step.batch_loss(features, labels, margins)
         gradients = tape.gradient(loss, step.head.trainable_variables)
-        self.head_optimizer.apply_gradients(zip(gradients, step.head.trainable_variables))
+        self.identity_head_optimizer.apply_gradients(zip(gradients, step.head.trainable_variables))
         return StepOutput(StepSums(_images(batch), sums_of_samples(per_sample, correct, margins)))
 
 

@@ -111,7 +111,6 @@ def build_iresnet(
     return keras.Model(inputs, outputs, name=name)
 
 
-def output_block_variables(model: keras.Model) -> list:
-    """The trainable variables of the output block (BN-Dropout-Flatten-Dense-BN)."""
-    return [v for layer in model.layers if layer.name.startswith(OUTPUT_BLOCK_PREFIX)
-            for v in layer.trainable_variables]
+def output_block_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers of the output block (BN-Dropout-Flatten-Dense-BN), in order: what --meta_scope=head updates."""
+    return [layer for layer in model.layers if layer.name.startswith(OUTPUT_BLOCK_PREFIX)]

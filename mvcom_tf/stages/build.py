@@ -13,7 +13,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mvcom_tf.config import FINE_TUNING_STAGES, Schedule, TrainConfig
+from mvcom_tf.config import (IdentityHeadConfig, MetaConfig, ModelConfig, OptimizerConfig, Schedule,
+                             TrainConfig)
 from mvcom_tf.data import schema
 from mvcom_tf.data.tfrecord import DatasetInfo
 from mvcom_tf.evaluation.metrics import result_difference
@@ -29,55 +30,42 @@ from mvcom_tf.training.distribute import read_input
 from mvcom_tf.training.stage import Stage
 
 
-def schedule(config: TrainConfig, name: str) -> Schedule:
-    """The pretrain stage follows --epochs/--lr/--lr_steps, the fine-tuning stages --meta_epochs/--meta_lr/..."""
-    if name in FINE_TUNING_STAGES:
-        return Schedule(config.meta_epochs, config.meta_lr, config.meta_lr_steps)
-    return Schedule(config.epochs, config.lr, config.lr_steps)
-
-
 def control_config(config: TrainConfig) -> TrainConfig:
     """The finetune stage's settings: the meta stage's, with a constant margin and no residuals (tau = 0 takes
     exactly the plain margin steps), so MvCoM is credited only with its difference from it."""
-    return dataclasses.replace(config, margin_prior="constant", meta_lr_tau=0.0,
-                               oracle_margin_deltas=(0.0,) * len(config.oracle_margin_deltas))
+    return config.with_flags(margin_prior="constant", meta_lr_tau=0.0,
+                             oracle_margin_deltas=(0.0,) * len(config.meta.oracle_margin_deltas))
 
 
 def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy) -> Stage:
     """The stage `name` of --stage, its variables created in the strategy's scope."""
     if name == "finetune":
         config = control_config(config)
-    train = read_input("train_data", config.train_data, config.batch_size, config.seed)
-    train = dataclasses.replace(train, balanced=config.train_sampling == "balanced")
-    stage_schedule = schedule(config, name)
+    data, seed = config.data, config.runtime.seed
+    train = read_input("train_data", data.train_data, config.optimizer.batch_size, seed)
+    train = dataclasses.replace(train, balanced=data.train_sampling == "balanced")
+    schedule = config.schedule(name)
     info = train.info
     log_head_footprint(config, info.num_identities, strategy.num_replicas_in_sync)
     pretrain = name == "pretrain"
-    margins = constant_margins(config.margin, info.num_identities) if pretrain else prior_margins(config, info)
-    offsets = {} if pretrain else oracle_offsets(config, info.histograms)
-    if config.head_sharding == "sharded":
-        with strategy.scope():
-            backbone = build_backbone(config)
-            optimizer = build_optimizer(config, train.steps_per_epoch, stage_schedule, backbone.trainable_variables)
-        margin_step = build_sharded_step(config, backbone, optimizer, margins, offsets, info.num_identities, strategy)
-        head = margin_step.head.centres
-    else:
-        with strategy.scope():
-            backbone, head, optimizer = build_model(config, info.num_identities, train.steps_per_epoch,
-                                                    stage_schedule)
-        margin_step = MarginStep(backbone, head, optimizer, margins, config.batch_size,
-                                 skip_nonfinite=config.nan_policy == "skip", factor_offsets=offsets)
-    common = dict(name=name, schedule=stage_schedule, backbone=backbone, head=head, optimizer=optimizer, train=train)
+    margins = constant_margins(config.head.margin, info.num_identities) if pretrain else prior_margins(config.head,
+                                                                                                        info)
+    offsets = {} if pretrain else oracle_offsets(config.meta, info.histograms)
+    margin_step = build_margin_step(config, info.num_identities, margins, strategy, steps_per_epoch=train.steps_per_epoch,
+                                    schedule=schedule, offsets=offsets)
+    common = dict(name=name, schedule=schedule, backbone=margin_step.backbone, head=checkpointed_head(margin_step),
+                  optimizer=margin_step.optimizer, train=train)
     if pretrain:
         return PretrainStage(**common, margin_step=margin_step)
     with strategy.scope():
         meta_step, trackables = build_meta_step(config, margin_step, info.histograms, strategy.num_replicas_in_sync)
-    pool = config.global_meta_batch * (config.meta_pool_factor if config.meta_sampling == "hard" else 1)
-    meta = read_input("meta_data", config.meta_data, config.global_meta_batch, config.seed + 1)
-    meta_pool = dataclasses.replace(meta, global_batch=pool, group_size=meta_group_size(config))
+    meta = config.meta
+    pool = config.global_meta_batch * (meta.pool_factor if meta.sampling == "hard" else 1)
+    meta_input = read_input("meta_data", data.meta_data, config.global_meta_batch, seed + 1)
+    meta_pool = dataclasses.replace(meta_input, global_batch=pool, group_size=meta.group_size)
     return MetaStage(**common, meta_step=meta_step, meta_pool=meta_pool,
-                     trackables=trackables, head_warmup_steps=config.head_warmup_steps,
-                     variation_warmup_steps=config.variation_warmup_steps)
+                     trackables=trackables, head_warmup_steps=meta.head_warmup_steps,
+                     variation_warmup_steps=meta.variation_warmup_steps)
 
 
 def summarise_run(stage_metrics: dict) -> dict:
@@ -93,81 +81,100 @@ def summarise_run(stage_metrics: dict) -> dict:
     return {"meta_minus_finetune": difference}
 
 
-def build_sharded_step(config: TrainConfig, backbone: keras.Model, optimizer: keras.optimizers.Optimizer,
-                       margins: tf.Tensor, offsets: dict[str, tf.Tensor], num_identities: int,
-                       strategy: tf.distribute.Strategy) -> ShardedMarginStep:
-    """The margin step with the identity centres split over the replicas (and Partial FC sampling)."""
+def build_margin_step(config: TrainConfig, num_identities: int, margins: tf.Tensor,
+                      strategy: tf.distribute.Strategy | None = None, *, steps_per_epoch: int = 1,
+                      schedule: Schedule | None = None, offsets: dict[str, tf.Tensor] | None = None,
+                      backbone: keras.Model | None = None) -> MarginStep:
+    """The identity margin step: the backbone (built from --backbone... unless given, in the scope), the identity
+    head (replicated, or sharded over the replicas by --head_sharding) and SGD on `schedule` (default: the
+    pretrain stage's); `margins` per identity, `offsets` per variation class (the oracle)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    schedule = schedule or config.pretrain
+    head_config, batch = config.head, config.optimizer.batch_size
+    with strategy.scope():
+        backbone = backbone or build_backbone(config.model)
+    if head_config.sharding == "sharded":
+        head = sharded_head(config, num_identities, strategy)
+        variables = backbone.trainable_variables
+    else:
+        with strategy.scope():
+            head = MarginHead(num_identities, head_config.loss, head_config.scale, name="identity_head",
+                              dtype=float32_if_mixed())
+            head.build((None, config.model.embedding_size))
+        variables = backbone.trainable_variables + head.trainable_variables
+    with strategy.scope():
+        optimizer = build_optimizer(config.optimizer, schedule, steps_per_epoch, variables,
+                                    loss_scaling=config.runtime.mixed_precision == "float16")
+    if head_config.sharding == "sharded":
+        return ShardedMarginStep(backbone, head, optimizer, margins, batch, config.optimizer.momentum,
+                                 config.optimizer.weight_decay, factor_offsets=offsets)
+    return MarginStep(backbone, head, optimizer, margins, batch, skip_nonfinite=config.runtime.nan_policy == "skip",
+                      factor_offsets=offsets)
+
+
+def checkpointed_head(margin_step: MarginStep) -> MarginHead | ShardedCentres:
+    """What a checkpoint keeps of the identity head: the head, or the sharded centres."""
+    return margin_step.head.centres if isinstance(margin_step, ShardedMarginStep) else margin_step.head
+
+
+def sharded_head(config: TrainConfig, num_identities: int, strategy: tf.distribute.Strategy) -> ShardedMarginHead:
+    """The identity head with its centres split over the replicas (and Partial FC sampling)."""
     # The replicated head's initial W, drawn at the same point of Keras' seeded sequence (after the
     # backbone): a seed starts both heads, and any replica count, from the same centres. It exists
     # once on the host, as it does at every save.
+    embedding_size, seed = config.model.embedding_size, config.runtime.seed
     with tf.device("/cpu:0"):
-        initial = centre_initializer()((config.embedding_size, num_identities), dtype=keras.config.floatx())
+        initial = centre_initializer()((embedding_size, num_identities), dtype=keras.config.floatx())
     # Outside the scope: one plain variable per replica on its device, not a mirrored copy of all classes.
-    centres = ShardedCentres.for_strategy(strategy, num_identities, config.embedding_size, config.seed,
+    centres = ShardedCentres.for_strategy(strategy, num_identities, embedding_size, seed, keras.config.floatx(),
                                           initial=initial)
-    head = ShardedMarginHead(centres, config.loss, config.scale, config.partial_fc_rate, config.batch_size,
-                             config.seed)
-    return ShardedMarginStep(backbone, head, optimizer, margins, config.batch_size, config.momentum,
-                             config.weight_decay, factor_offsets=offsets)
+    head = config.head
+    return ShardedMarginHead(centres, head.loss, head.scale, head.partial_fc_rate, config.optimizer.batch_size, seed)
 
 
 def log_head_footprint(config: TrainConfig, num_classes: int, replicas: int) -> None:
     """The identity head's memory and communication per replica, from the formulas of head_footprint."""
-    sharded = config.head_sharding == "sharded"
-    figures = head_footprint(num_classes, config.embedding_size, replicas, config.batch_size, sharded,
-                             config.partial_fc_rate)
+    head = config.head
+    figures = head_footprint(num_classes, config.model.embedding_size, replicas, config.optimizer.batch_size,
+                             head.sharding == "sharded", head.partial_fc_rate)
     logging.info("identity head, %s over %d replica(s): %d centres per replica, %.3g GB of centres, momentum and "
-                 "gradient, %.3g MB of logits, %.3g MB sent per step", config.head_sharding, replicas,
+                 "gradient, %.3g MB of logits, %.3g MB sent per step", head.sharding, replicas,
                  figures["centres"], figures["state_bytes"] / 1e9, figures["logits_bytes"] / 1e6,
                  figures["sent_bytes"] / 1e6)
 
 
-def build_backbone(config: TrainConfig) -> keras.Model:
+def build_backbone(model: ModelConfig) -> keras.Model:
     """The IResNet of --backbone, --image_size, --embedding_size, --width_multiplier, --dropout, --sync_bn."""
-    return build_iresnet(config.backbone, config.image_size, config.embedding_size, config.width_multiplier,
-                         config.dropout, config.sync_bn)
+    return build_iresnet(model.backbone, model.image_size, model.embedding_size, model.width_multiplier,
+                         model.dropout, model.sync_bn)
 
 
-def build_optimizer(config: TrainConfig, steps_per_epoch: int, stage_schedule: Schedule,
-                    variables: list) -> keras.optimizers.Optimizer:
-    """SGD (momentum, decoupled weight decay, the stage's lr steps), built for `variables`."""
-    optimizer = keras.optimizers.SGD(learning_rate_schedule(stage_schedule, steps_per_epoch),
-                                     momentum=config.momentum, weight_decay=config.weight_decay or None)
-    if config.mixed_precision == "float16":  # pretrain stage only (a flag validator says so)
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients underflow unscaled
+def build_optimizer(settings: OptimizerConfig, schedule: Schedule, steps_per_epoch: int, variables: list,
+                    loss_scaling: bool = False) -> keras.optimizers.Optimizer:
+    """SGD (momentum, decoupled weight decay, the stage's lr steps), built for `variables`; `loss_scaling` wraps it
+    in Keras' LossScaleOptimizer (float16, whose gradients underflow unscaled)."""
+    optimizer = keras.optimizers.SGD(learning_rate_schedule(schedule, steps_per_epoch),
+                                     momentum=settings.momentum, weight_decay=settings.weight_decay or None)
+    if loss_scaling:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(variables)
     return optimizer
 
 
-def build_model(config: TrainConfig, num_identities: int, steps_per_epoch: int, stage_schedule: Schedule):
-    """Backbone, identity head and their optimizer, built."""
-    backbone = build_backbone(config)
-    head = MarginHead(num_identities, config.loss, config.scale, name="identity_head", dtype=float32_if_mixed())
-    head.build((None, config.embedding_size))
-    optimizer = build_optimizer(config, steps_per_epoch, stage_schedule,
-                                backbone.trainable_variables + head.trainable_variables)
-    return backbone, head, optimizer
-
-
-def prior_margins(config: TrainConfig, info: DatasetInfo) -> tf.Tensor:
+def prior_margins(head: IdentityHeadConfig, info: DatasetInfo) -> tf.Tensor:
     """The meta stage's per-identity margins: --margin, or the class-aware volume prior (METHOD.md)."""
-    if config.margin_prior != "volume":
-        return constant_margins(config.margin, info.num_identities)
-    margins = class_aware_margins(info.images_per_identity, config.margin, config.margin_prior_power,
-                                  config.margin_min, config.margin_max)
+    if head.margin_prior != "volume":
+        return constant_margins(head.margin, info.num_identities)
+    margins = class_aware_margins(info.images_per_identity, head.margin, head.margin_prior_power,
+                                  head.margin_min, head.margin_max)
     return tf.constant(margins, keras.config.floatx())
 
 
-def oracle_offsets(config: TrainConfig, histograms: dict[str, list[int]]) -> dict[str, tf.Tensor]:
+def oracle_offsets(meta: MetaConfig, histograms: dict[str, list[int]]) -> dict[str, tf.Tensor]:
     """The bias study's oracle: --oracle_margin_deltas added for the tail classes of each factor ({}: none)."""
-    deltas = dict(zip(schema.FACTORS, config.oracle_margin_deltas))
+    deltas = dict(zip(schema.FACTORS, meta.oracle_margin_deltas))
     return {factor: tf.constant(values, keras.config.floatx())
             for factor, values in tail_class_offsets(histograms, deltas).items()}
-
-
-def meta_group_size(config: TrainConfig) -> int:
-    """Images of one identity drawn together into the meta batch: K for the verification objective, else 1."""
-    return config.meta_images_per_identity if config.meta_objective == "verification" else 1
 
 
 def build_meta_step(config: TrainConfig, margin_step: MarginStep, histograms: dict[str, list[int]],
@@ -176,23 +183,21 @@ def build_meta_step(config: TrainConfig, margin_step: MarginStep, histograms: di
     (and the identity head's warm-up optimizer), built; returns it with those new checkpoint entries (call in
     scope). `histograms` are the training split's variation label counts (dataset.json): the head classes
     of the tail statistics come from them ({}: none)."""
+    meta, momentum = config.meta, config.optimizer.momentum
     heads = VariationHeads(name="variation_heads", dtype=float32_if_mixed())
-    heads.build((None, config.embedding_size))
-    heads_optimizer = keras.optimizers.SGD(config.variation_lr, momentum=config.momentum)
-    heads_optimizer.build(heads.trainable_variables)
-    trackables = {"variation_heads": heads, "variation_optimizer": heads_optimizer}
-    head_optimizer = None
-    if config.head_warmup_steps:  # replicated head only (a flag validator says so)
-        head_optimizer = keras.optimizers.SGD(config.head_warmup_lr, momentum=config.momentum)
-        head_optimizer.build(margin_step.head.trainable_variables)
-        trackables["identity_head_warmup_optimizer"] = head_optimizer
-    meta_step = MetaStep(
-        margin_step, heads, heads_optimizer, tau=config.meta_lr_tau, inner_lr=config.meta_inner_lr,
-        residual_max=config.residual_max, scope=config.meta_scope, factor_weights=config.factor_weights,
-        sampling=config.meta_sampling, meta_batch_size=config.global_meta_batch // replicas,
-        global_meta_batch_size=config.global_meta_batch, head_classes=head_classes(histograms),
-        head_optimizer=head_optimizer, objective=config.meta_objective, group_size=meta_group_size(config),
-        contrastive_scale=config.scale)
+    heads.build((None, config.model.embedding_size))
+    variation_optimizer = keras.optimizers.SGD(meta.variation_lr, momentum=momentum)
+    variation_optimizer.build(heads.trainable_variables)
+    trackables = {"variation_heads": heads, "variation_optimizer": variation_optimizer}
+    identity_head_optimizer = None
+    if meta.head_warmup_steps:  # replicated head only (a flag validator says so)
+        identity_head_optimizer = keras.optimizers.SGD(meta.head_warmup_lr, momentum=momentum)
+        identity_head_optimizer.build(margin_step.head.trainable_variables)
+        trackables["identity_head_warmup_optimizer"] = identity_head_optimizer
+    meta_step = MetaStep(margin_step, heads, variation_optimizer,
+                         dataclasses.replace(meta, batch_size=config.global_meta_batch), replicas=replicas,
+                         head_classes=head_classes(histograms), identity_head_optimizer=identity_head_optimizer,
+                         contrastive_scale=config.head.scale)
     return meta_step, trackables
 
 

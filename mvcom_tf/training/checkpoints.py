@@ -7,7 +7,9 @@ import posixpath
 import tensorflow as tf
 from absl import logging
 
-from mvcom_tf.data.tfrecord import DatasetError
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot start this run (missing, or made for other data): the message says which and why."""
 
 # The identity centres W [E, C] in a checkpoint: a replicated head's kernel, or a sharded head's gathered one.
 HEAD_KERNELS = ("head/kernel/.ATTRIBUTES/VARIABLE_VALUE", "head/.ATTRIBUTES/kernel")
@@ -58,8 +60,8 @@ def initialise(stage, init_checkpoint: str) -> None:
     head_shape = shapes[head_key] if head_key else None
     identities = stage.train.info.num_identities
     if head_shape is not None and head_shape[1] != identities:
-        raise DatasetError(f"--init_checkpoint: {prefix} has an identity head of {head_shape[1]} classes, but "
-                           f"--train_data has {identities} identities")
+        raise CheckpointError(f"--init_checkpoint: {prefix} has an identity head of {head_shape[1]} classes, but "
+                              f"--train_data has {identities} identities")
     tf.train.Checkpoint(backbone=stage.backbone).restore(prefix).expect_partial()
     if head_key:
         stage.load_head(reader.get_tensor(head_key))
@@ -75,6 +77,6 @@ def _latest(path: str) -> str:
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
-            raise DatasetError(f"--init_checkpoint: {path} holds no checkpoint")
+            raise CheckpointError(f"--init_checkpoint: {path} holds no checkpoint")
         return latest
     return path

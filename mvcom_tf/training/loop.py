@@ -42,14 +42,15 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
     non-finite loss (--nan_policy=stop)."""
     run = _start(config, stage, strategy, init_checkpoint, resume_dir)
     step, per_epoch = int(run.checkpoints.step.numpy()), stage.steps_per_epoch
-    compiled = CompiledSteps(strategy, config.jit_compile, config.steps_per_execution)
-    every = [config.log_every, config.checkpoint_every, config.eval_every if config.eval_data else 0]
+    runtime, evaluation = config.runtime, config.evaluation
+    compiled = CompiledSteps(strategy, runtime.jit_compile, runtime.steps_per_execution)
+    every = [runtime.log_every, runtime.checkpoint_every, evaluation.every if evaluation.benchmarks else 0]
     iterators = _inputs(run, _input_options(config), range(step, run.total_steps))
     try:
         while step < run.total_steps:
             epoch = step // per_epoch
             last = min((epoch + 1) * per_epoch, run.total_steps)  # a call ends at the end of an epoch
-            count = execution_length(stage, step, last, config.steps_per_execution, every)
+            count = execution_length(stage, step, last, runtime.steps_per_execution, every)
             output = compiled(stage.replica_step(step), iterators, count)
             faults.check_finite(output.sums, stage.name, step, count, run.checkpoints.latest)
             run.skipped += skipped_steps(output.sums, strategy.num_replicas_in_sync)
@@ -67,9 +68,10 @@ def _start(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strategy, 
            resume_dir: str) -> StageRun:
     """Restores the stage, opens its TensorBoard folder and says what it will train."""
     total_steps = stage_length(config, stage)
-    checkpoints = StageCheckpoints(stage, stage_folder(config.model_dir, stage.name), config.keep_checkpoints)
+    checkpoints = StageCheckpoints(stage, stage_folder(config.runtime.model_dir, stage.name),
+                                   config.runtime.keep_checkpoints)
     step = checkpoints.restore(resume_dir, init_checkpoint)
-    writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage.name))
+    writer = tf.summary.create_file_writer(posixpath.join(config.runtime.model_dir, "tensorboard", stage.name))
     if step == 0:
         log_distributions(writer, {spec.flag: spec.info for spec in stage.inputs()})
     info = stage.train.info
@@ -91,33 +93,37 @@ def _inputs(run: StageRun, options: InputOptions, steps: range) -> tuple:
 def stage_length(config: TrainConfig, stage: Stage) -> int:
     """The stage's last step: its epochs, or --max_steps if fewer."""
     total_steps = stage.schedule.epochs * stage.steps_per_epoch
-    return min(total_steps, config.max_steps) if config.max_steps else total_steps
+    max_steps = config.runtime.max_steps
+    return min(total_steps, max_steps) if max_steps else total_steps
 
 
 def _input_options(config: TrainConfig) -> InputOptions:
-    return InputOptions(config.image_size, config.shuffle_buffer, config.synth_blur_prob,
-                        config.synth_occlusion_prob, config.debug_nan_step)
+    data = config.data
+    return InputOptions(config.model.image_size, data.shuffle_buffer, data.synth_blur_prob, data.synth_occlusion_prob,
+                        config.runtime.debug_nan_step)
 
 
 def _after_steps(run: StageRun, step: int, epoch: int, preempted: threading.Event) -> None:
     """What falls due at `step`: the progress line, a checkpoint, stopping on SIGTERM, an evaluation."""
     config, stage, name = run.config, run.stage, run.stage.name
+    runtime, evaluation = config.runtime, config.evaluation
     final = step == run.total_steps
-    if step % config.log_every == 0 or final:
+    if step % runtime.log_every == 0 or final:
         if int(run.failures.count.numpy()):
             logging.warning("[%s] %d undecodable images dropped so far", name, int(run.failures.count.numpy()))
         if run.skipped:
             logging.warning("[%s] %d steps with a non-finite loss or gradient skipped so far", name, run.skipped)
         run.progress.report(step, epoch, stage.learning_rate())
-    if step % config.checkpoint_every == 0 or final:
+    if step % runtime.checkpoint_every == 0 or final:
         run.checkpoints.save(step)
     if preempted.is_set():
         run.checkpoints.save(step)
         run.writer.flush()
         raise faults.Preempted(f"[{name}] SIGTERM: saved {run.checkpoints.latest} at step {step}; run the same "
                                "command again to resume from it")
-    if config.eval_data and config.eval_every and step % config.eval_every == 0 and not final and is_chief():
-        results = benchmarks.evaluate(config.eval_data, stage.backbone, config.image_size, config.eval_batch_size)
+    if evaluation.benchmarks and evaluation.every and step % evaluation.every == 0 and not final and is_chief():
+        results = benchmarks.evaluate(evaluation.benchmarks, stage.backbone, config.model.image_size,
+                                      evaluation.batch_size)
         logging.info("[%s] step %d: %s", name, step,
                      "; ".join(f"{key} {benchmarks.headline(result)}" for key, result in results.items()))
         benchmarks.log_evaluation(run.writer, step, results)
@@ -132,10 +138,10 @@ def run(config: TrainConfig, build_stage: StageBuilder, summarise: RunSummary | 
     part in collectives), but only the chief writes the run folder: the others write to a
     temporary folder, removed at the end, and resume from the chief's checkpoints.
     """
-    strategy = strategy or make_strategy(config.strategy)
+    strategy = strategy or make_strategy(config.runtime.strategy)
     chief = is_chief()
     scratch = "" if chief else tempfile.mkdtemp(prefix="mvcom_tf_worker_")
-    local = config if chief else dataclasses.replace(config, model_dir=scratch)
+    local = config if chief else config.with_flags(model_dir=scratch)
     try:
         return _run_stages(config, local, strategy, chief, build_stage, summarise)
     finally:
@@ -145,24 +151,24 @@ def run(config: TrainConfig, build_stage: StageBuilder, summarise: RunSummary | 
 
 def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute.Strategy, chief: bool,
                 build_stage: StageBuilder, summarise: RunSummary | None) -> dict:
-    tf.io.gfile.makedirs(local.model_dir)
+    tf.io.gfile.makedirs(local.runtime.model_dir)
     metrics: dict = {"stages": {}}
-    init_checkpoint, stage = config.init_checkpoint, None
-    for name in config.stage:
+    init_checkpoint, stage = config.runtime.init_checkpoint, None
+    for name in config.runtime.stages:
         stage = build_stage(config, name, strategy)
-        resume_dir = stage_folder(config.model_dir, name)
+        resume_dir = stage_folder(config.runtime.model_dir, name)
         with faults.preemption_signal() as preempted:
             summary = run_stage(local, stage, strategy, init_checkpoint, preempted, resume_dir)
         if stage.later_stages_start_here:
             init_checkpoint = resume_dir
         metrics["stages"][name] = {"training": summary}
-        if config.eval_data and chief:
+        if config.evaluation.benchmarks and chief:
             metrics["stages"][name].update(_evaluate_stage(config, stage))
     if summarise:
         metrics.update(summarise(metrics["stages"]))
-    final = metrics["stages"].get(config.stage[-1], {})
+    final = metrics["stages"].get(config.runtime.stages[-1], {})
     metrics.update({key: final[key] for key in ("accuracy", "accuracy_std", "groups", "benchmarks") if key in final})
-    metrics["export_dir"] = config.export_dir or posixpath.join(config.model_dir, "export")
+    metrics["export_dir"] = config.export.dir or posixpath.join(config.runtime.model_dir, "export")
     if chief:
         outputs.write_outputs(config, stage.backbone, metrics)
     return metrics
@@ -170,10 +176,12 @@ def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute
 
 def _evaluate_stage(config: TrainConfig, stage: Stage) -> dict:
     """--eval_data after a stage, logged at its last step; the first benchmark's figures at the top level."""
-    results = benchmarks.evaluate(config.eval_data, stage.backbone, config.image_size, config.eval_batch_size)
+    evaluation = config.evaluation
+    results = benchmarks.evaluate(evaluation.benchmarks, stage.backbone, config.model.image_size,
+                                  evaluation.batch_size)
     for key, result in results.items():
         logging.info("[%s] %s: %s", stage.name, key, benchmarks.headline(result))
-    writer = tf.summary.create_file_writer(posixpath.join(config.model_dir, "tensorboard", stage.name))
+    writer = tf.summary.create_file_writer(posixpath.join(config.runtime.model_dir, "tensorboard", stage.name))
     benchmarks.log_evaluation(writer, stage_length(config, stage), results)
     writer.flush()  # the command ends without destructors (mvcom_tf.cli.exit_now)
     return {**next(iter(results.values())), "benchmarks": results}

@@ -7,8 +7,8 @@ import posixpath
 import keras
 
 from mvcom_tf.config import TrainConfig
-from mvcom_tf.data.tfrecord import write_json
 from mvcom_tf.export import export_onnx, export_saved_model, export_tflite
+from mvcom_tf.files import write_json
 from mvcom_tf.models.iresnet import build_iresnet
 
 METRICS_FILE = "metrics.json"
@@ -16,20 +16,22 @@ METRICS_FILE = "metrics.json"
 
 def single_device_copy(config: TrainConfig, backbone: keras.Model) -> keras.Model:
     """The backbone rebuilt outside any strategy with the trained weights (for export)."""
-    copy = build_iresnet(config.backbone, config.image_size, config.embedding_size, config.width_multiplier,
-                         config.dropout, sync_bn=False)
+    model = config.model
+    copy = build_iresnet(model.backbone, model.image_size, model.embedding_size, model.width_multiplier,
+                         model.dropout, sync_bn=False)
     copy.set_weights(backbone.get_weights())
     return copy
 
 
 def write_outputs(config: TrainConfig, backbone: keras.Model, metrics: dict) -> dict:
     """Exports the backbone (SavedModel, and TFLite/ONNX if asked) and writes metrics.json; returns metrics."""
-    export_dir = config.export_dir or posixpath.join(config.model_dir, "export")
+    export, model_dir = config.export, config.runtime.model_dir
+    export_dir = export.dir or posixpath.join(model_dir, "export")
     metrics["export_dir"] = export_dir
-    export_saved_model(single_device_copy(config, backbone), export_dir, config.image_size)
-    if config.export_tflite:
+    export_saved_model(single_device_copy(config, backbone), export_dir, config.model.image_size)
+    if export.tflite:
         metrics["tflite"] = export_tflite(export_dir, f"{export_dir}_tflite")
-    if config.export_onnx:
+    if export.onnx:
         metrics["onnx"] = export_onnx(export_dir, f"{export_dir}_onnx")
-    write_json(posixpath.join(config.model_dir, METRICS_FILE), metrics)
+    write_json(posixpath.join(model_dir, METRICS_FILE), metrics)
     return metrics
