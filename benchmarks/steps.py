@@ -14,15 +14,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, num_classes: int = 1000,
-               precision: str = "float32", jit_compile: bool = False):
+               precision: str = "float32", jit_compile: bool = False, inter_op_threads: int = 0):
     """A compiled step function and its inputs: kind is plain, meta_all or meta_head.
 
     precision float32 or bfloat16 (Keras' mixed_bfloat16 policy, as --mixed_precision=bfloat16);
-    jit_compile as --jit_compile (the step compiled by XLA).
+    jit_compile as --jit_compile (the step compiled by XLA); inter_op_threads > 0 caps TensorFlow's inter-op
+    parallelism (1: what --deterministic sets).
     """
     import keras
     import numpy as np
     import tensorflow as tf
+
+    if inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
 
     if precision != "float32":
         keras.mixed_precision.set_global_policy(f"mixed_{precision}")
@@ -68,10 +72,11 @@ def call_seconds(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 
 def time_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, repeats: int,
-              warmup: int = 2, precision: str = "float32", jit_compile: bool = False) -> dict:
+              warmup: int = 2, precision: str = "float32", jit_compile: bool = False,
+              inter_op_threads: int = 0) -> dict:
     """Median seconds per step after warm-up, and the process's peak resident memory."""
     step, images = build_step(kind, backbone, image_size, batch, meta_batch, precision=precision,
-                              jit_compile=jit_compile)
+                              jit_compile=jit_compile, inter_op_threads=inter_op_threads)
     seconds = call_seconds(step, repeats, warmup)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     median = statistics.median(seconds)

@@ -204,8 +204,9 @@ class RuntimeConfig:
     cpu_replicas: int = option(0, "Split the CPU into this many logical devices (testing MirroredStrategy without "
                                   "GPUs); 0: leave it whole.", lower=0)
     seed: int = option(0, "Seed of initialisation, data order and augmentation.")
-    deterministic: bool = option(True, "tf.config.experimental.enable_op_determinism (resumed runs then end with "
-                                       "the same weights as uninterrupted ones; may be slower on GPUs).")
+    deterministic: bool = option(True, "tf.config.experimental.enable_op_determinism and one op at a time "
+                                       "(inter-op parallelism 1): resumed runs end with the same weights as "
+                                       "uninterrupted ones, on a busy machine too; may be slower.")
     max_steps: int = option(0, "Stop a stage after this many steps (0: no limit).", lower=0)
     checkpoint_every: int = option(2000, "Steps between checkpoints.", lower=1)
     keep_checkpoints: int = option(3, "Checkpoints kept per stage.", lower=1)

@@ -32,6 +32,9 @@ def _configure_devices(runtime: RuntimeConfig) -> None:
         tf.config.set_logical_device_configuration(cpu, devices)
     if runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
+        # One op at a time: with TensorFlow's default inter-op parallelism the meta stage's numbers depended on
+        # the order in which independent ops ran, so two runs beside other work diverged (docs/training.md).
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
 
     keras.utils.set_random_seed(runtime.seed)
@@ -82,6 +85,9 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
     except faults.NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except faults.WorkerLost as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 4
     except faults.Preempted as stopped:
         print(f"stopped: {stopped}", file=sys.stderr)
         return 0

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -114,3 +116,49 @@ def test_two_workers_shard_the_identity_head_and_one_process_resumes_their_check
                              env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/pretrain/ckpt-4 at step 4" in resumed.stderr
+
+
+def _workers(tmp_path, ports, args, attempt):
+    """Both workers of a loopback cluster running `mvcom_tf.train args`, each in its own folder."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes = []
+    for index in range(2):
+        folder = tmp_path / f"{attempt}_worker{index}"
+        (folder / "tmp").mkdir(parents=True)
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen([sys.executable, "-m", "mvcom_tf.train", *args], cwd=str(folder),
+                                          env=_env(TF_CONFIG=tf_config, TMPDIR=str(folder / "tmp")),
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def test_a_lost_worker_ends_the_survivor_with_one_line_and_a_restart_resumes_from_its_checkpoint(tmp_path, tiny_data):
+    run_dir = tmp_path / "run"
+    args = [*TINY, *data_flags(tiny_data), "--eval_data=", f"--model_dir={run_dir}", "--strategy=multi_worker",
+            "--checkpoint_every=3", "--epochs=50", "--max_steps=400"]
+    ports = free_ports(2)
+    chief, other = _workers(tmp_path, ports, args, "first")
+    saved = run_dir / "checkpoints" / "pretrain" / "ckpt-6.index"
+    deadline = time.time() + 300
+    while not saved.exists():
+        assert chief.poll() is None and time.time() < deadline, "the chief never saved step 6"
+        time.sleep(0.05)
+    other.send_signal(signal.SIGKILL)  # a crashed host: no goodbye
+    killed = time.time()
+    _, err = chief.communicate(timeout=240)
+    waited = time.time() - killed
+    other.wait()
+    assert chief.returncode == 4, err[-3000:]
+    assert waited < 120, waited
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "lost /job:worker/replica:0/task:1 after step" in lines[0], err[-3000:]
+    last = int(lines[0].split("restart every worker with the same command to resume from ")[1].rsplit("ckpt-", 1)[1])
+    assert last >= 6 and (run_dir / "checkpoints" / "pretrain" / f"ckpt-{last}.index").exists()
+    # Every worker restarted with the same command (a shorter run, for time) resumes there and finishes.
+    restarted = _workers(tmp_path, ports, [*args[:-1], f"--max_steps={last + 2}"], "second")
+    outputs = [p.communicate(timeout=600) for p in restarted]
+    for process, (_, err) in zip(restarted, outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/pretrain/ckpt-{last} at step {last}" in outputs[0][1]
+    assert (run_dir / "checkpoints" / "pretrain" / f"ckpt-{last + 2}.index").exists()

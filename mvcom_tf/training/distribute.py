@@ -43,6 +43,12 @@ def is_chief() -> bool:
     return kind == "worker" and index == 0 and "chief" not in tf_config.get("cluster", {})
 
 
+def task_name() -> str:
+    """This process's task as TensorFlow's collectives name it (/job:worker/replica:0/task:0); "" without TF_CONFIG."""
+    task = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {})
+    return f"/job:{task['type']}/replica:0/task:{int(task.get('index', 0))}" if "type" in task else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
     """One input of a stage's replica step: a dataset folder read in shuffled global batches."""

@@ -15,7 +15,8 @@ from mvcom_tf.data.pipeline import DecodeFailures
 from mvcom_tf.training import benchmarks, faults, outputs
 from mvcom_tf.training.checkpoints import StageCheckpoints, stage_folder
 from mvcom_tf.training.compiled import CompiledSteps, execution_length
-from mvcom_tf.training.distribute import InputOptions, distributed_batches, is_chief, make_strategy, retire
+from mvcom_tf.training.distribute import (InputOptions, distributed_batches, is_chief, make_strategy, retire,
+                                          task_name)
 from mvcom_tf.training.progress import Progress, log_distributions, skipped_steps
 from mvcom_tf.training.stage import RunSummary, Stage, StageBuilder
 
@@ -57,6 +58,13 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
             run.progress.add(output)
             step += count
             _after_steps(run, step, epoch, preempted)
+    except faults.PEER_ERRORS as error:
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        # A non-chief's own saves are in its scratch folder, deleted on exit: it names the chief's.
+        resume_from = (f"{run.checkpoints.latest or 'the start of the stage'}" if is_chief()
+                       else f"the chief's last checkpoint in {resume_dir}")
+        raise faults.worker_lost(error, stage.name, step, task_name(), resume_from) from None
     finally:
         retire(iterators)  # not deleted: see distribute.retire
     run.checkpoints.save(step)
