@@ -31,6 +31,11 @@ class MarginStep:
         self.skip_nonfinite = skip_nonfinite
 
     @property
+    def checkpointed_head(self):
+        """What a checkpoint keeps of the identity head (the `head` entry --init_checkpoint carries over)."""
+        return self.head
+
+    @property
     def head_variables(self) -> list:
         """The identity head's variables that this replica differentiates (after the backbone's in `apply`)."""
         return self.head.trainable_variables
@@ -170,6 +175,11 @@ class ShardedMarginStep(MarginStep):
                  factor_offsets: dict[str, tf.Tensor] | None = None) -> None:
         super().__init__(backbone, head, optimizer, class_margins, global_batch, factor_offsets=factor_offsets)
         self.momentum, self.weight_decay = momentum, weight_decay
+
+    @property
+    def checkpointed_head(self):
+        """The centres of every shard (a save gathers them into one W [E, C])."""
+        return self.head.centres
 
     @property
     def head_variables(self) -> list:

@@ -48,12 +48,13 @@ def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy
     info = train.info
     log_head_footprint(config, info.num_identities, strategy.num_replicas_in_sync)
     pretrain = name == "pretrain"
-    margins = constant_margins(config.head.margin, info.num_identities) if pretrain else prior_margins(config.head,
-                                                                                                        info)
-    offsets = {} if pretrain else oracle_offsets(config.meta, info.histograms)
-    margin_step = build_margin_step(config, info.num_identities, margins, strategy, steps_per_epoch=train.steps_per_epoch,
-                                    schedule=schedule, offsets=offsets)
-    common = dict(name=name, schedule=schedule, backbone=margin_step.backbone, head=checkpointed_head(margin_step),
+    if pretrain:
+        margins, offsets = constant_margins(config.head.margin, info.num_identities), {}
+    else:
+        margins, offsets = prior_margins(config.head, info), oracle_offsets(config.meta, info.histograms)
+    margin_step = build_margin_step(config, info.num_identities, margins, strategy,
+                                    steps_per_epoch=train.steps_per_epoch, schedule=schedule, offsets=offsets)
+    common = dict(name=name, schedule=schedule, backbone=margin_step.backbone, head=margin_step.checkpointed_head,
                   optimizer=margin_step.optimizer, train=train)
     if pretrain:
         return PretrainStage(**common, margin_step=margin_step)
@@ -110,11 +111,6 @@ def build_margin_step(config: TrainConfig, num_identities: int, margins: tf.Tens
                                  config.optimizer.weight_decay, factor_offsets=offsets)
     return MarginStep(backbone, head, optimizer, margins, batch, skip_nonfinite=config.runtime.nan_policy == "skip",
                       factor_offsets=offsets)
-
-
-def checkpointed_head(margin_step: MarginStep) -> MarginHead | ShardedCentres:
-    """What a checkpoint keeps of the identity head: the head, or the sharded centres."""
-    return margin_step.head.centres if isinstance(margin_step, ShardedMarginStep) else margin_step.head
 
 
 def sharded_head(config: TrainConfig, num_identities: int, strategy: tf.distribute.Strategy) -> ShardedMarginHead:

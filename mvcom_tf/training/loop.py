@@ -62,7 +62,7 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
         if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise
         # A non-chief's own saves are in its scratch folder, deleted on exit: it names the chief's.
-        resume_from = (f"{run.checkpoints.latest or 'the start of the stage'}" if is_chief()
+        resume_from = ((run.checkpoints.latest or "the start of the stage") if is_chief()
                        else f"the chief's last checkpoint in {resume_dir}")
         raise faults.worker_lost(error, stage.name, step, task_name(), resume_from) from None
     finally:
