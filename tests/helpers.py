@@ -1,6 +1,7 @@
 """Helpers the tests share: the repository, fresh-process runs, tiny recipes, and the meta step on random batches."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,6 +42,32 @@ def final_weights(run_dir, step):
     # save_counter counts the saves, which depends on when the kill came: bookkeeping, not state.
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
             if name != "_CHECKPOINTABLE_OBJECT_GRAPH" and not name.startswith("save_counter")}
+
+
+def kill_during_a_save(folder, processes, from_step=2):
+    """SIGKILLs `processes` while TensorFlow writes a checkpoint N >= from_step into `folder` (its ckpt-N_temp/
+    exists).
+
+    Returns N, or None when the kill landed after that save completed (the temporary folder gone and
+    the `checkpoint` file naming N): the caller then starts the run again and tries once more.
+    """
+    folder = str(folder)
+    while all(p.poll() is None for p in processes):
+        try:
+            temporary = [name for name in os.listdir(folder)
+                         if name.endswith("_temp") and int(name[len("ckpt-"):-len("_temp")]) >= from_step]
+        except FileNotFoundError:
+            continue
+        if temporary:
+            for process in processes:
+                process.send_signal(signal.SIGKILL)
+            for process in processes:
+                process.wait()
+            step = int(temporary[0][len("ckpt-"):-len("_temp")])
+            latest = tf.train.latest_checkpoint(folder) or ""
+            mid_save = os.path.isdir(os.path.join(folder, temporary[0])) or not latest.endswith(f"-{step}")
+            return step if mid_save else None
+    raise AssertionError("the run ended before a save could be interrupted")
 
 
 def make_batches(seed=0):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tests.helpers import REPO, TINY, data_flags, final_weights, run_module
+from tests.helpers import REPO, TINY, data_flags, final_weights, kill_during_a_save, run_module
 
 
 def _start(args, env=None):
@@ -28,7 +28,7 @@ def _wait_for(path, process, timeout=300):
         time.sleep(0.02)
 
 
-def test_three_kills_at_random_steps_end_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_data):
+def test_three_kills_at_random_steps_and_one_during_a_save_end_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_data):
     args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=14",
             "--checkpoint_every=1", "--keep_checkpoints=2", "--epochs=3"]
     # The uninterrupted run goes on beside the killed ones (op determinism: load does not change its numbers).
@@ -42,12 +42,29 @@ def test_three_kills_at_random_steps_end_with_the_weights_of_an_uninterrupted_ru
         process.wait()
     finished = run_module([*args, f"--model_dir={run_dir}"])
     assert finished.returncode == 0, finished.stderr[-2000:]
+    # Issue 23's kill during a save, in a run folder of its own: the checkpoint being written is lost, the one
+    # before it is whole, and the run resumes from it.
+    saving_dir = f"{tmp_path}/killed_while_saving"
+    interrupted = None
+    for _ in range(5):
+        interrupted = kill_during_a_save(f"{saving_dir}/checkpoints/pretrain", [_start([*args, f"--model_dir={saving_dir}"])])
+        if interrupted:
+            break
+    assert interrupted, "no kill landed during a save in 5 tries"
+    previous = tf.train.latest_checkpoint(f"{saving_dir}/checkpoints/pretrain")
+    assert previous.endswith(f"ckpt-{interrupted - 1}")
+    tf.train.load_checkpoint(previous)  # whole and readable
+    finished = run_module([*args, f"--model_dir={saving_dir}"])
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert f"resumed from {previous} at step {interrupted - 1}" in finished.stderr
     _, stderr = straight.communicate(timeout=600)
     assert straight.returncode == 0, stderr[-2000:]
-    a, b = final_weights(f"{tmp_path}/straight", 14), final_weights(run_dir, 14)
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    straight_weights = final_weights(f"{tmp_path}/straight", 14)
+    for interrupted_dir in (run_dir, saving_dir):
+        weights = final_weights(interrupted_dir, 14)
+        assert weights.keys() == straight_weights.keys()
+        for name in weights:
+            np.testing.assert_array_equal(weights[name], straight_weights[name], err_msg=f"{interrupted_dir}: {name}")
 
 
 def test_sigterm_saves_exits_zero_and_resumes_from_that_step(tmp_path, tiny_data):

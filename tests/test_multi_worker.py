@@ -10,8 +10,9 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tests.helpers import REPO, TINY, data_flags
+from tests.helpers import REPO, TINY, data_flags, final_weights, kill_during_a_save
 
 
 def free_ports(count):
@@ -104,7 +105,6 @@ def test_two_workers_shard_the_identity_head_and_one_process_resumes_their_check
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
         assert "identity head, sharded over 2 replica(s): 30 centres per replica" in err
-    import tensorflow as tf
 
     reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / "pretrain" / "ckpt-4"))
     kernel, momentum = reader.get_tensor("head/.ATTRIBUTES/kernel"), reader.get_tensor("head/.ATTRIBUTES/momentum")
@@ -162,3 +162,53 @@ def test_a_lost_worker_ends_the_survivor_with_one_line_and_a_restart_resumes_fro
         assert process.returncode == 0, err[-3000:]
     assert f"resumed from {run_dir}/checkpoints/pretrain/ckpt-{last} at step {last}" in outputs[0][1]
     assert (run_dir / "checkpoints" / "pretrain" / f"ckpt-{last + 2}.index").exists()
+
+
+def test_two_workers_stopped_by_a_sigterm_then_killed_while_saving_end_with_the_uninterrupted_weights(tmp_path, tiny_data):
+    """Issue 23's two-worker drills: a SIGTERM (TensorFlow's PreemptionCheckpointHandler agrees on the step), then
+    both workers killed while the chief writes a checkpoint; the run resumes from the checkpoint before."""
+    args = [*TINY, *data_flags(tiny_data), "--eval_data=", "--strategy=multi_worker", "--checkpoint_every=5",
+            "--epochs=20", "--max_steps=40"]
+    run_dir, straight_dir = tmp_path / "run", tmp_path / "straight"
+    straight = _workers(tmp_path, free_ports(2), [*args, f"--model_dir={straight_dir}"], "straight")
+    ports = free_ports(2)
+    chief, other = _workers(tmp_path, ports, [*args, f"--model_dir={run_dir}"], "first")
+    started = run_dir / "tensorboard" / "pretrain"
+    deadline = time.time() + 300
+    while not started.exists():
+        assert chief.poll() is None and time.time() < deadline, "the chief never started training"
+        time.sleep(0.05)
+    time.sleep(3.0)  # a few steps in
+    other.send_signal(signal.SIGTERM)  # what a scheduler sends before preempting a host
+    outputs = [p.communicate(timeout=240) for p in (chief, other)]
+    stops = []
+    for process, (_, err) in zip((chief, other), outputs):
+        assert process.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
+        stopped = [line for line in err.splitlines() if line.startswith("stopped: ")]
+        assert len(stopped) == 1, err[-3000:]
+        stops.append(stopped[0])
+    step = int(stops[0].split("stopped after step ")[1].split(",")[0])
+    assert 0 < step < 40 and f"stopped after step {step}," in stops[1]
+    assert f"saved as {run_dir}/checkpoints/pretrain/ckpt-{step};" in stops[0]
+    assert f"saved as the chief's checkpoint in {run_dir}/checkpoints/pretrain;" in stops[1]  # not its scratch
+    folder = run_dir / "checkpoints" / "pretrain"
+    assert tf.train.latest_checkpoint(str(folder)) == f"{folder}/ckpt-{step}"
+    # Both hosts lose power while the chief writes a periodic checkpoint.
+    interrupted, attempt = None, 0
+    while not interrupted and attempt < 5:
+        attempt += 1
+        resumed = _workers(tmp_path, ports, [*args, f"--model_dir={run_dir}"], f"killed{attempt}")
+        interrupted = kill_during_a_save(folder, resumed, from_step=step + 1)
+    assert interrupted, "no kill landed during a save in 5 tries"
+    previous = tf.train.latest_checkpoint(str(folder))
+    assert int(previous.rsplit("-", 1)[1]) < interrupted
+    restarted = _workers(tmp_path, ports, [*args, f"--model_dir={run_dir}"], "last")
+    outputs = [p.communicate(timeout=600) for p in [*restarted, *straight]]
+    for process, (_, err) in zip([*restarted, *straight], outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert f"resumed from {previous} at step {previous.rsplit('-', 1)[1]}" in outputs[0][1]
+    a, b = final_weights(straight_dir, 40), final_weights(run_dir, 40)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -1,5 +1,5 @@
-"""Faults a run survives: SIGTERM (save, then stop), non-finite losses and a lost worker (stop, naming the last good
-checkpoint)."""
+"""Faults a run survives: SIGTERM (every worker saves one step, then stops), non-finite losses and a lost worker (stop,
+naming the last good checkpoint)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import contextlib
 import math
 import re
 import signal
+import tempfile
 import threading
+from typing import Protocol
 
 import tensorflow as tf
 
+from mvcom_tf.training.checkpoints import StageCheckpoints
 from mvcom_tf.training.metrics import StepSums
 
 # What TensorFlow's collectives and coordination service raise on the survivors when a worker of a
@@ -32,18 +35,83 @@ class Preempted(RuntimeError):
     """SIGTERM arrived: a checkpoint of the step reached was saved; re-running the command resumes there."""
 
 
+class Preemption(Protocol):
+    """What the loop asks after every call of the step function: stop here? (then it saves and raises Preempted)."""
+
+    def check(self, checkpoints: StageCheckpoints, stage: str, step: int, resume_dir: str) -> None: ...
+
+
+class SignalPreemption:
+    """One process: SIGTERM sets a flag, and the loop saves the step reached and stops at its next check."""
+
+    def __init__(self) -> None:
+        self.received = threading.Event()
+
+    def check(self, checkpoints: StageCheckpoints, stage: str, step: int, resume_dir: str) -> None:
+        """After a call of the step function: on SIGTERM, saves `step` and raises Preempted."""
+        if self.received.is_set():
+            checkpoints.save(step)
+            raise Preempted(f"[{stage}] SIGTERM: saved {checkpoints.latest} at step {step}; run the same command "
+                            "again to resume from it")
+
+
+class ClusterPreemption:
+    """MultiWorkerMirroredStrategy: a SIGTERM to any worker stops every worker at one agreed step, saved.
+
+    TensorFlow's PreemptionCheckpointHandler does the agreeing: the signalled worker posts the call
+    after the next one to the coordination service, every worker acknowledges, and each saves when
+    its own count of calls gets there (saving takes part in collectives, so all must save together).
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, chief: bool) -> None:
+        self._chief = chief
+        self._stop: Preempted | None = None
+        # The handler counts its calls and restores that count from its manager's folder. An empty
+        # folder makes every worker of a restarted cluster count from 0, so their counts agree; the
+        # stage's own step, in the stage's checkpoints, is what resumes.
+        self._counts = tempfile.mkdtemp(prefix="mvcom_tf_preemption_")
+        counts = tf.train.CheckpointManager(tf.train.Checkpoint(), self._counts, max_to_keep=1)
+        termination = tf.distribute.experimental.TerminationConfig(save_fn=self._save, exit_fn=self._exit)
+        self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            strategy.cluster_resolver, counts, termination_config=termination)
+
+    def check(self, checkpoints: StageCheckpoints, stage: str, step: int, resume_dir: str) -> None:
+        """After every call of the step function, on every worker: saves and raises Preempted at the agreed call."""
+        self._handler.save_checkpoint_if_preempted(checkpoints, stage, step, resume_dir)
+
+    def close(self) -> None:
+        tf.io.gfile.rmtree(self._counts)
+
+    def _save(self, checkpoints: StageCheckpoints, stage: str, step: int, resume_dir: str) -> None:
+        checkpoints.save(step)
+        # A non-chief's own save is in its scratch folder, deleted on exit: it names the chief's.
+        saved = checkpoints.latest if self._chief else f"the chief's checkpoint in {resume_dir}"
+        self._stop = Preempted(f"[{stage}] SIGTERM to a worker: every worker stopped after step {step}, saved as "
+                               f"{saved}; run the same command on every worker to resume from it")
+
+    def _exit(self) -> None:
+        raise self._stop
+
+
 @contextlib.contextmanager
-def preemption_signal():
-    """An Event set by SIGTERM while the block runs (main thread only; the previous handler is restored)."""
-    received = threading.Event()
+def preemption_watch(strategy: tf.distribute.Strategy, chief: bool):
+    """What stops a run on SIGTERM while the block runs: ClusterPreemption across workers, SignalPreemption in one
+    process (the previous SIGTERM handler is restored; off the main thread, nothing watches)."""
     if threading.current_thread() is not threading.main_thread():
-        yield received
+        yield SignalPreemption()
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+    previous = signal.getsignal(signal.SIGTERM)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.cluster_resolver.cluster_spec():
+        watch = ClusterPreemption(strategy, chief)
+    else:
+        watch = SignalPreemption()
+        signal.signal(signal.SIGTERM, lambda signum, frame: watch.received.set())
     try:
-        yield received
+        yield watch
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if isinstance(watch, ClusterPreemption):
+            watch.close()
 
 
 def check_finite(sums: StepSums, stage: str, first: int, count: int, last_checkpoint: str | None) -> None:

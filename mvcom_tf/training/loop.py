@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import tempfile
-import threading
 
 import tensorflow as tf
 from absl import logging
@@ -37,10 +36,10 @@ class StageRun:
 
 
 def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strategy, init_checkpoint: str,
-              preempted: threading.Event, resume_dir: str) -> dict[str, float]:
+              preemption: faults.Preemption, resume_dir: str) -> dict[str, float]:
     """Trains a stage to its last step, resuming from resume_dir (the chief's checkpoints); returns the stage's
-    own scalars over the stage. Raises Preempted once `preempted` is set (after saving), NonFiniteLoss on a
-    non-finite loss (--nan_policy=stop)."""
+    own scalars over the stage. Raises Preempted after saving when `preemption` says so, NonFiniteLoss on a
+    non-finite loss (--nan_policy=stop), WorkerLost when another worker is gone."""
     run = _start(config, stage, strategy, init_checkpoint, resume_dir)
     step, per_epoch = int(run.checkpoints.step.numpy()), stage.steps_per_epoch
     runtime, evaluation = config.runtime, config.evaluation
@@ -57,7 +56,7 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
             run.skipped += skipped_steps(output.sums, strategy.num_replicas_in_sync)
             run.progress.add(output)
             step += count
-            _after_steps(run, step, epoch, preempted)
+            _after_steps(run, step, epoch, preemption, resume_dir)
     except faults.PEER_ERRORS as error:
         if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise
@@ -67,8 +66,8 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
         raise faults.worker_lost(error, stage.name, step, task_name(), resume_from) from None
     finally:
         retire(iterators)  # not deleted: see distribute.retire
+        run.writer.flush()  # the command ends without destructors (mvcom_tf.cli.exit_now)
     run.checkpoints.save(step)
-    run.writer.flush()
     return run.progress.stage_summary()
 
 
@@ -111,7 +110,7 @@ def _input_options(config: TrainConfig) -> InputOptions:
                         config.runtime.debug_nan_step)
 
 
-def _after_steps(run: StageRun, step: int, epoch: int, preempted: threading.Event) -> None:
+def _after_steps(run: StageRun, step: int, epoch: int, preemption: faults.Preemption, resume_dir: str) -> None:
     """What falls due at `step`: the progress line, a checkpoint, stopping on SIGTERM, an evaluation."""
     config, stage, name = run.config, run.stage, run.stage.name
     runtime, evaluation = config.runtime, config.evaluation
@@ -124,11 +123,7 @@ def _after_steps(run: StageRun, step: int, epoch: int, preempted: threading.Even
         run.progress.report(step, epoch, stage.learning_rate())
     if step % runtime.checkpoint_every == 0 or final:
         run.checkpoints.save(step)
-    if preempted.is_set():
-        run.checkpoints.save(step)
-        run.writer.flush()
-        raise faults.Preempted(f"[{name}] SIGTERM: saved {run.checkpoints.latest} at step {step}; run the same "
-                               "command again to resume from it")
+    preemption.check(run.checkpoints, name, step, resume_dir)
     if evaluation.benchmarks and evaluation.every and step % evaluation.every == 0 and not final and is_chief():
         results = benchmarks.evaluate(evaluation.benchmarks, stage.backbone, config.model.image_size,
                                       evaluation.batch_size)
@@ -162,16 +157,17 @@ def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute
     tf.io.gfile.makedirs(local.runtime.model_dir)
     metrics: dict = {"stages": {}}
     init_checkpoint, stage = config.runtime.init_checkpoint, None
-    for name in config.runtime.stages:
-        stage = build_stage(config, name, strategy)
-        resume_dir = stage_folder(config.runtime.model_dir, name)
-        with faults.preemption_signal() as preempted:
-            summary = run_stage(local, stage, strategy, init_checkpoint, preempted, resume_dir)
-        if stage.later_stages_start_here:
-            init_checkpoint = resume_dir
-        metrics["stages"][name] = {"training": summary}
-        if config.evaluation.benchmarks and chief:
-            metrics["stages"][name].update(_evaluate_stage(config, stage))
+    # One watch for all stages: TensorFlow's handler coordinates through keys that outlive one stage.
+    with faults.preemption_watch(strategy, chief) as preemption:
+        for name in config.runtime.stages:
+            stage = build_stage(config, name, strategy)
+            resume_dir = stage_folder(config.runtime.model_dir, name)
+            summary = run_stage(local, stage, strategy, init_checkpoint, preemption, resume_dir)
+            if stage.later_stages_start_here:
+                init_checkpoint = resume_dir
+            metrics["stages"][name] = {"training": summary}
+            if config.evaluation.benchmarks and chief:
+                metrics["stages"][name].update(_evaluate_stage(config, stage))
     if summarise:
         metrics.update(summarise(metrics["stages"]))
     final = metrics["stages"].get(config.runtime.stages[-1], {})
