@@ -98,14 +98,14 @@ FULL = Study(
     taus=(1e4, 1e5),
     # Scope all costs about 7x a plain step (benchmarks/meta_step.py): its ten final runs alone would take
     # longer than the study's 150-minute budget here, so the study runs the output-block scope only.
-    scopes=("head",),
+    scopes=("output_block",),
     length=7,  # the paper fine-tunes for 0.6 of its pre-training (18 of 30 epochs); 7 of 30 fits the budget
     oracle_deltas=(0.1, 0.2, 0.3),
 )
 # The --quick study's network and schedule (benchmarks.meta_signal --quick pre-trains with them too).
 QUICK_TRAIN_FLAGS = ("--flagfile=flags/bias_study.cfg", "--width_multiplier=0.125", "--embedding_size=32",
                      "--batch_size=16", "--epochs=3", "--lr_steps=2", "--log_every=10", "--variation_warmup_steps=2")
-QUICK = Study(train_flags=QUICK_TRAIN_FLAGS, taus=(1000.0,), scopes=("head",), length=1, oracle_deltas=(0.1,))
+QUICK = Study(train_flags=QUICK_TRAIN_FLAGS, taus=(1000.0,), scopes=("output_block",), length=1, oracle_deltas=(0.1,))
 
 _EVAL_PAIRS = synthetic.SplitConfig(num_identities=1250, pair_anchors=2)  # >= 5,000 pairs in every group
 
@@ -130,7 +130,7 @@ class Arm:
     arm: str
     length: int
     tau: float = 0.0
-    scope: str = "head"
+    scope: str = "output_block"
     delta: float = 0.0
 
     @property
@@ -403,7 +403,7 @@ def markdown(study_json: dict, selection: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def meta_signal(runner: Runner, seed: str, arm: Arm, batches: int, head_steps: int) -> dict:
+def meta_signal(runner: Runner, seed: str, arm: Arm, batches: int, warmup_steps: int) -> dict:
     """The meta-signal probe (benchmarks.meta_signal) of an MvCoM arm's objective and scope from a seed's
     pre-training; kept in <out_dir>/meta_signal/, so a resumed study does not probe again."""
     path = os.path.join(runner.out_dir, "meta_signal", f"seed{seed}-{arm.objective}-{arm.scope}.json")
@@ -412,7 +412,7 @@ def meta_signal(runner: Runner, seed: str, arm: Arm, batches: int, head_steps: i
         from benchmarks.meta_signal import probe, summarise
 
         print(f"probing the meta signal of {arm.name} from seed {seed}", file=sys.stderr, flush=True)
-        figures = summarise(probe(runner.folder(seed, "pretrain"), arm.objective, batches, head_steps,
+        figures = summarise(probe(runner.folder(seed, "pretrain"), arm.objective, batches, warmup_steps,
                                   [f"--meta_scope={arm.scope}", "--meta_sampling=hard"]))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _write_json(path, figures)

@@ -3,7 +3,7 @@ parallelism and with 1, side by side.
 
     python -m benchmarks.deterministic [--backbone=iresnet18 --image_size=32 --batch=64 --repeats=10 --rounds=2]
 
-Each variant runs in its own process (benchmarks/steps.py: the same model, batch and meta batch); the
+Each variant runs in its own process (benchmarks/timed_steps.py: the same model, batch and meta batch); the
 variants alternate over --rounds, so that a change in the machine's load reaches both. Prints a table,
 then one JSON line.
 """
@@ -15,7 +15,7 @@ import statistics
 
 from absl import app, flags
 
-from benchmarks.steps import run_isolated
+from benchmarks.timed_steps import run_isolated
 
 FLAGS = flags.FLAGS
 KINDS = ("plain", "meta_all")

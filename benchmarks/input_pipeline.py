@@ -37,7 +37,7 @@ def main(argv) -> None:
     from benchmarks.convert import _faces
     from mvcom_tf.data import schema
     from mvcom_tf.data.pipeline import train_dataset
-    from mvcom_tf.data.synthesis import VariationSynthesis
+    from mvcom_tf.data.augmentation import VariationAugmentation
     from mvcom_tf.data.tfrecord import SplitWriter
 
     work = tempfile.mkdtemp(prefix="mvcom_pipeline_bench_")
@@ -51,11 +51,11 @@ def main(argv) -> None:
                                        for i in range(shard * per_shard, (shard + 1) * per_shard)))
         info = writer.finish({"tool": "benchmarks/input_pipeline.py"})
         rows = []
-        for name, synthesis in (("decode + flip (baseline)", None),
-                                (f"+ blur p={FLAGS.blur_prob}, occlusion p={FLAGS.occlusion_prob}",
-                                 VariationSynthesis(FLAGS.blur_prob, FLAGS.occlusion_prob))):
+        for name, augmentation in (("decode + flip (baseline)", None),
+                                   (f"+ blur p={FLAGS.blur_prob}, occlusion p={FLAGS.occlusion_prob}",
+                                    VariationAugmentation(FLAGS.blur_prob, FLAGS.occlusion_prob))):
             dataset = train_dataset(work, info, batch_size=FLAGS.batch, image_size=112, seed=0, epoch=0,
-                                    shuffle_buffer=2000, augment=synthesis)
+                                    shuffle_buffer=2000, augment=augmentation)
             iterator = iter(dataset)
             for _ in range(5):
                 next(iterator)

@@ -17,7 +17,7 @@ import json
 
 from absl import app, flags
 
-from benchmarks.steps import call_seconds
+from benchmarks.timed_steps import call_seconds
 
 FLAGS = flags.FLAGS
 

@@ -4,7 +4,7 @@
     python -m benchmarks.meta_signal --quick      # tiny data and network, pre-trained here (a few minutes)
 
 From a pre-trained run folder (its flags.txt and checkpoints/pretrain), with the weights held
-fixed: the variation heads are first trained alone on the meta set (--head_steps; Eq. 13 is
+fixed: the variation heads are first trained alone on the meta set (--variation_warmup_steps; Eq. 13 is
 only as informative as they are), then for each of --batches training batches T, with a meta
 batch V drawn by the run's rule, the residual update of Eq. 13 from r = 0 with tau = 1 and no
 clipping: u^k_j = -dL_meta^k(V; Omega~)/dr^k_j (tau and the pseudo-update's eta scale u and
@@ -45,16 +45,17 @@ def define_flags() -> None:
     flags.DEFINE_string("train_data", "", "Training split; empty: the run's --train_data.")
     flags.DEFINE_string("meta_data", "", "Meta split; empty: the run's --meta_data.")
     flags.DEFINE_list("objectives", list(OBJECTIVES), "Meta objectives to probe (--meta_objective values).")
-    flags.DEFINE_enum("meta_scope", "head", ["head", "all"], "What the pseudo update changes (--meta_scope).")
+    flags.DEFINE_enum("meta_scope", "output_block", ["output_block", "all", "head"],
+                      "What the pseudo update changes (--meta_scope; head is output_block's old name).")
     flags.DEFINE_enum("meta_sampling", "hard", ["hard", "random"], "Meta batch rule (--meta_sampling).")
     flags.DEFINE_integer("batches", 200, "Training batches probed per objective.", lower_bound=2)
-    flags.DEFINE_integer("head_steps", 300, "Steps training the variation heads alone before probing.",
+    flags.DEFINE_integer("variation_warmup_steps", 300, "Steps training the variation heads alone before probing.",
                          lower_bound=0)
     flags.DEFINE_string("out_dir", "runs/meta_signal", "--quick: where its data and pre-training go.")
     flags.DEFINE_bool("quick", False, "Tiny headroom data and network, pre-trained here; 20 batches.")
 
 
-def probe(pretrained: str, objective: str, batches: int, head_steps: int, overrides: list[str]) -> dict:
+def probe(pretrained: str, objective: str, batches: int, warmup_steps: int, overrides: list[str]) -> dict:
     """Per-sample first residual updates u [N, factors] with the samples' labels, from `pretrained`."""
     import tensorflow as tf
 
@@ -73,7 +74,7 @@ def probe(pretrained: str, objective: str, batches: int, head_steps: int, overri
     initialise(stage, stage_folder(pretrained, "pretrain"))
     meta_step = stage.meta_step
     options = InputOptions(config.model.image_size, config.data.shuffle_buffer)
-    steps = range(0, head_steps + batches)
+    steps = range(0, warmup_steps + batches)
     train, pool = (distributed_batches(strategy, spec, options, steps, stage.steps_per_epoch, DecodeFailures())
                    for spec in stage.inputs())
 
@@ -88,7 +89,7 @@ def probe(pretrained: str, objective: str, batches: int, head_steps: int, overri
         residuals, _ = meta_step.residuals(batch, meta_batch, prior, meta_step.trunk_features(meta_batch))
         return residuals
 
-    for _ in range(head_steps):
+    for _ in range(warmup_steps):
         heads_step(next(train), next(pool))
     updates, labels, batch_index = [], [], []
     for index in range(batches):
@@ -187,20 +188,22 @@ def main(argv) -> None:
     started = time.perf_counter()
     pretrained = FLAGS.pretrained or quick_pretrained(FLAGS.out_dir)
     batches = 20 if FLAGS.quick and not FLAGS["batches"].present else FLAGS.batches
-    head_steps = 20 if FLAGS.quick and not FLAGS["head_steps"].present else FLAGS.head_steps
+    warmup_steps = (20 if FLAGS.quick and not FLAGS["variation_warmup_steps"].present
+                    else FLAGS.variation_warmup_steps)
     overrides = [f"--meta_scope={FLAGS.meta_scope}", f"--meta_sampling={FLAGS.meta_sampling}"]
     overrides += [f"--{name}={FLAGS[name].value}" for name in ("train_data", "meta_data") if FLAGS[name].value]
     result = {"objectives": {}}
     for objective in FLAGS.objectives:
-        print(f"probing {objective}: {head_steps} head steps, {batches} batches", file=sys.stderr, flush=True)
-        result["objectives"][objective] = summarise(probe(pretrained, objective, batches, head_steps, overrides))
+        print(f"probing {objective}: {warmup_steps} variation warm-up steps, {batches} batches", file=sys.stderr,
+              flush=True)
+        result["objectives"][objective] = summarise(probe(pretrained, objective, batches, warmup_steps, overrides))
     from mvcom_tf.config_flags import config_of_run
 
     config = config_of_run(pretrained, *overrides)
     result.update({
         "pretrained": pretrained, "train_data": config.data.train_data, "meta_data": config.data.meta_data,
         "meta_scope": FLAGS.meta_scope, "meta_sampling": FLAGS.meta_sampling, "batches": batches,
-        "head_steps": head_steps, "batch_size": config.optimizer.batch_size,
+        "variation_warmup_steps": warmup_steps, "batch_size": config.optimizer.batch_size,
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "command": "python -m benchmarks.meta_signal " + " ".join(arg for arg in sys.argv[1:]),
         "date": datetime.date.today().isoformat()})

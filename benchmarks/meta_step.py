@@ -12,7 +12,7 @@ import json
 
 from absl import app, flags
 
-from benchmarks.steps import run_isolated
+from benchmarks.timed_steps import run_isolated
 
 FLAGS = flags.FLAGS
 
@@ -32,9 +32,9 @@ def main(argv):
     rows = {
         "plain": run_isolated(kind="plain", meta_batch=FLAGS.batch, **common),
         "meta_all": run_isolated(kind="meta_all", meta_batch=FLAGS.batch, **common),
-        "meta_head": run_isolated(kind="meta_head", meta_batch=FLAGS.batch, **common),
+        "meta_output_block": run_isolated(kind="meta_output_block", meta_batch=FLAGS.batch, **common),
         "meta_all_half_v": run_isolated(kind="meta_all", meta_batch=FLAGS.batch // 2, **common),
-        "meta_head_half_v": run_isolated(kind="meta_head", meta_batch=FLAGS.batch // 2, **common),
+        "meta_output_block_half_v": run_isolated(kind="meta_output_block", meta_batch=FLAGS.batch // 2, **common),
     }
     plain = rows["plain"]["seconds"]
     print(f"{FLAGS.backbone} {FLAGS.image_size}x{FLAGS.image_size}, |T| = {FLAGS.batch}, float32, "
@@ -45,16 +45,13 @@ def main(argv):
         meta_batch = FLAGS.batch // 2 if name.endswith("half_v") else (FLAGS.batch if name != "plain" else 0)
         print(f"| {name} | {meta_batch or '-'} | {row['seconds']:.3f} | {row['seconds'] / plain:.2f} | "
               f"{row['peak_mb']:.0f} |")
+    seconds = {name: row["seconds"] for name, row in rows.items()}
     summary = {
-        "backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "batch": FLAGS.batch,
-        "plain_s": plain, "meta_all_s": rows["meta_all"]["seconds"], "meta_head_s": rows["meta_head"]["seconds"],
-        "meta_all_half_v_s": rows["meta_all_half_v"]["seconds"],
-        "ratio_all": rows["meta_all"]["seconds"] / plain, "ratio_head": rows["meta_head"]["seconds"] / plain,
-        "ratio_all_half_v": rows["meta_all_half_v"]["seconds"] / plain,
-        "meta_head_half_v_s": rows["meta_head_half_v"]["seconds"],
-        "ratio_head_half_v": rows["meta_head_half_v"]["seconds"] / plain,
+        "backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "batch": FLAGS.batch, "plain_s": plain,
+        **{f"{name}_s": value for name, value in seconds.items() if name != "plain"},
+        **{f"ratio_{name.removeprefix('meta_')}": value / plain for name, value in seconds.items() if name != "plain"},
         "peak_mb_plain": rows["plain"]["peak_mb"], "peak_mb_all": rows["meta_all"]["peak_mb"],
-        "peak_mb_head": rows["meta_head"]["peak_mb"],
+        "peak_mb_output_block": rows["meta_output_block"]["peak_mb"],
     }
     print(json.dumps(summary))
 

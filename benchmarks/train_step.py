@@ -16,7 +16,7 @@ import json
 
 from absl import app, flags
 
-from benchmarks.steps import run_isolated
+from benchmarks.timed_steps import run_isolated
 
 FLAGS = flags.FLAGS
 

@@ -23,11 +23,13 @@ FINE_TUNING_STAGES = ("finetune", "meta")  # both start from the last pre-traini
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-           lower: float | None = None, upper: float | None = None, length: int | None = None) -> Any:
-    """A config field: its default, the flag's help text and name (default: the field's), and the bounds the flag
-    validates."""
+           aliases: dict[str, str] | None = None, lower: float | None = None, upper: float | None = None,
+           length: int | None = None) -> Any:
+    """A config field: its default, the flag's help text and name (default: the field's), the bounds the flag
+    validates, and old spellings of its choices that it still accepts (`aliases`: old -> current)."""
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
-                                                          "lower": lower, "upper": upper, "length": length})
+                                                          "aliases": aliases or {}, "lower": lower, "upper": upper,
+                                                          "length": length})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +128,10 @@ class MetaConfig:
     inner_lr: float = option(0.0, "Step size eta of the pseudo update (Eq. 12); 0: the current lr.",
                              flag="meta_inner_lr", lower=0.0)
     residual_max: float = option(0.2, "Residuals r are clipped to [-residual_max, residual_max].", lower=0.0)
-    scope: str = option("all", "What the pseudo update changes: all: the whole backbone (the paper); head: only the "
-                               "backbone's output block (cheap approximation).", flag="meta_scope",
-                        choices=("all", "head"))
+    scope: str = option("all", "What the pseudo update changes: all: the whole backbone (the paper); output_block: "
+                               "only the backbone's output block, BN-Dropout-Dense-BN (cheap approximation; `head` "
+                               "is its old name, still accepted).", flag="meta_scope",
+                        choices=("all", "output_block"), aliases={"head": "output_block"})
     factor_weights: tuple[float, ...] = option((1.0, 1.0, 1.0, 1.0), f"Weights of the residuals {FACTOR_LIST} (0 "
                                                                       "switches a factor off).", length=4)
     objective: str = option("variation", "What the residuals descend on the meta batch: variation (Eq. 13, the "
@@ -253,7 +256,8 @@ class TrainConfig:
         changes: dict[str, dict[str, Any]] = {}
         for name, value in values.items():
             part, field = FLAG_FIELDS[name]
-            changes.setdefault(part, {})[field.name] = value
+            aliases = field.metadata["aliases"]  # an old spelling of a choice, as its current one
+            changes.setdefault(part, {})[field.name] = aliases.get(value, value) if aliases else value
         return dataclasses.replace(self, **{part: dataclasses.replace(getattr(self, part), **fields)
                                             for part, fields in changes.items()})
 

@@ -31,7 +31,7 @@ def _define(name: str, field: dataclasses.Field, kind: type, flag_values: flags.
     meta, default = field.metadata, field.default
     common = {"name": name, "help": meta["help"], "flag_values": flag_values}
     if meta["choices"] and kind is str:
-        flags.DEFINE_enum(default=default, enum_values=list(meta["choices"]), **common)
+        flags.DEFINE_enum(default=default, enum_values=[*meta["choices"], *meta["aliases"]], **common)
     elif kind is bool:
         flags.DEFINE_bool(default=default, **common)
     elif kind is int:

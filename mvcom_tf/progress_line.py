@@ -1,5 +1,6 @@
-"""A periodic progress line for long work outside training (detection, embedding), in the training log's form:
-`[task] done/total units, rate units/s, ETA hh:mm:ss` through absl logging, at most every few seconds."""
+"""A periodic progress line for long work outside training (detection, embedding, rendering synthetic data), in
+the training log's form: `[task] done/total units, rate units/s, ETA hh:mm:ss` through absl logging, at most every
+few seconds."""
 
 from __future__ import annotations
 

@@ -127,6 +127,6 @@ def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=
     margin_step = build_margin_step(config, NUM_IDS, prior, strategy, backbone=backbone)
     with strategy.scope():
         meta_step, _ = build_meta_step(config, margin_step, {}, strategy.num_replicas_in_sync)
-        for layer in meta_step.heads.classifiers.values():  # non-trivial heads: every factor's loss has a gradient
+        for layer in meta_step.variation_heads.classifiers.values():  # non-trivial heads: every factor's loss has a gradient
             layer.kernel.assign(np.random.default_rng(2).normal(0, 1, layer.kernel.shape))
     return meta_step

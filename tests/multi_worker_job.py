@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from mvcom_tf.training.distribute import make_strategy  # noqa: E402
-from mvcom_tf.steps import ShardedMarginStep  # noqa: E402
+from mvcom_tf.margin_step import ShardedMarginStep  # noqa: E402
 from tests.helpers import build, make_batches  # noqa: E402
 
 keras.config.set_floatx("float64")
@@ -43,7 +43,7 @@ def weights():
     heads, and the optimizer's slots when the head is replicated (a sharded head keeps its momentum apart)."""
     margin_step = meta_step.margin_step
     named = {f"backbone_{i}": v for i, v in enumerate(margin_step.backbone.weights)}
-    named.update({f"heads_{i}": v for i, v in enumerate(meta_step.heads.weights)})
+    named.update({f"heads_{i}": v for i, v in enumerate(meta_step.variation_heads.weights)})
     if isinstance(margin_step, ShardedMarginStep):
         named["centres"] = margin_step.head.centres.full()
     else:

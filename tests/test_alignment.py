@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mvcom_tf.data import alignment, schema, synthesis, synthetic
+from mvcom_tf.data import alignment, augmentation, schema, synthetic
 
 
 def _dots(shape, points, radius=1.5):
@@ -90,7 +90,7 @@ def test_synthesised_label_histograms_follow_the_probabilities():
     count = 3000
     features = {"image": np.full((16, 16, 3), 128, np.float32), "occlusion": np.int32(0), "blur": np.int32(0),
                 "pose": np.int32(3)}
-    out = _synthesise(features, synthesis.VariationSynthesis(blur_prob=0.4, occlusion_prob=0.3), count)
+    out = _synthesise(features, augmentation.VariationAugmentation(blur_prob=0.4, occlusion_prob=0.3), count)
     occlusion = np.bincount(out["occlusion"].numpy(), minlength=5)
     blur = np.bincount(out["blur"].numpy(), minlength=4)
     assert _chi_square(occlusion, count * np.array([0.7, 0.075, 0.075, 0.075, 0.075])) < CHI2_999[4]
@@ -102,7 +102,7 @@ def test_synthesised_label_histograms_follow_the_probabilities():
 
 def test_a_synthesised_blur_lands_in_its_measured_bin():
     size = alignment.ALIGNED_SIZE
-    synth = synthesis.VariationSynthesis(blur_prob=1.0)
+    synth = augmentation.VariationAugmentation(blur_prob=1.0)
     hits = 0
     for face in range(12):
         identity = synthetic.make_identity(11, 40_000_000 + face, face % 4)

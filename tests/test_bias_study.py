@@ -14,7 +14,7 @@ from mvcom_tf.evaluation.metrics import paired_interval
 from mvcom_tf.evaluation.verification import read_pairs
 from mvcom_tf.losses.margins import head_classes, tail_class_offsets
 from mvcom_tf.meta.statistics import class_residual_summary, correlation, residual_sums, tail_sums
-from mvcom_tf.steps import MarginStep
+from mvcom_tf.margin_step import MarginStep
 
 
 def test_two_anchor_val_split_pairs_every_probe_with_both_anchors(tmp_path):
@@ -149,7 +149,7 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
 
 def test_quick_meta_signal_probe_reports_tail_correlations(tmp_path):
     result = run_module(["-m", "benchmarks.meta_signal", "--quick", f"--out_dir={tmp_path}", "--batches=6",
-                         "--head_steps=4"], timeout=900)
+                         "--variation_warmup_steps=4"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report["objectives"]) == {"variation", "verification"} and report["batches"] == 6

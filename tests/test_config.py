@@ -38,6 +38,15 @@ def test_every_field_of_every_part_is_a_flag_with_the_fields_default():
         TrainConfig.from_flags(meta_tau=1.0)
 
 
+def test_a_renamed_choice_keeps_its_old_spelling():
+    """--meta_scope=head, from before `output_block` was its name, still means the output block."""
+    for old in (parse_config(["--train_data=x", "--meta_scope=head"]), TrainConfig.from_flags(meta_scope="head")):
+        assert old.meta.scope == "output_block"
+    assert parse_config(["--train_data=x", "--meta_scope=output_block"]).meta.scope == "output_block"
+    with pytest.raises(flags.IllegalFlagValueError, match=r"one of <all\|output_block\|head>"):
+        parse_config(["--train_data=x", "--meta_scope=trunk"])
+
+
 def test_the_defaults_are_the_papers_and_the_demo_is_a_flagfile():
     config = parse_config(["--train_data=x"])
     assert (config.model.backbone, config.model.width_multiplier, config.model.embedding_size,

@@ -28,7 +28,8 @@ def _wait_for(path, process, timeout=300):
         time.sleep(0.02)
 
 
-def test_three_kills_at_random_steps_and_one_during_a_save_end_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_data):
+def test_three_kills_at_random_steps_and_one_during_a_save_end_with_the_weights_of_an_uninterrupted_run(
+        tmp_path, tiny_data):
     args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=14",
             "--checkpoint_every=1", "--keep_checkpoints=2", "--epochs=3"]
     # The uninterrupted run goes on beside the killed ones (op determinism: load does not change its numbers).
@@ -47,7 +48,8 @@ def test_three_kills_at_random_steps_and_one_during_a_save_end_with_the_weights_
     saving_dir = f"{tmp_path}/killed_while_saving"
     interrupted = None
     for _ in range(5):
-        interrupted = kill_during_a_save(f"{saving_dir}/checkpoints/pretrain", [_start([*args, f"--model_dir={saving_dir}"])])
+        process = _start([*args, f"--model_dir={saving_dir}"])
+        interrupted = kill_during_a_save(f"{saving_dir}/checkpoints/pretrain", [process])
         if interrupted:
             break
     assert interrupted, "no kill landed during a save in 5 tries"
@@ -126,7 +128,7 @@ def test_two_replicas_stop_within_seconds_of_the_save_and_move_on_at_stage_ends(
     a pass here bounds the gaps of this run; the fix is that no such destructor runs before the exit."""
     args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--stage=pretrain,meta", "--cpu_replicas=2",
             "--strategy=mirrored", "--epochs=2", "--meta_epochs=1", "--variation_warmup_steps=2",
-            "--meta_scope=head"]
+            "--meta_scope=output_block"]
     whole = run_module([*args, f"--model_dir={tmp_path}/whole"], timeout=900)
     assert whole.returncode == 0, whole.stderr[-2000:]
     lines = whole.stderr.splitlines()

@@ -54,7 +54,7 @@ def variation_losses_after_pseudo_update(meta_step, batch, meta, margins):
     """The variation losses on V after the reference pseudo update (unknown labels excluded by hand)."""
     features = features_after_pseudo_update(meta_step, batch, meta, margins)
     losses = {}
-    for factor, layer in meta_step.heads.classifiers.items():
+    for factor, layer in meta_step.variation_heads.classifiers.items():
         logits = (features @ layer.kernel.numpy() + layer.bias.numpy())
         logits -= logits.max(axis=1, keepdims=True)
         log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
@@ -65,8 +65,8 @@ def variation_losses_after_pseudo_update(meta_step, batch, meta, margins):
 
 
 @pytest.mark.parametrize("strategy_name,scope,sync_bn,network", [
-    ("default", "all", False, "iresnet18"), ("default", "head", False, "small"), ("default", "all", True, "small"),
-    ("mirrored", "all", True, "small")])
+    ("default", "all", False, "iresnet18"), ("default", "output_block", False, "small"),
+    ("default", "all", True, "small"), ("mirrored", "all", True, "small")])
 def test_residual_update_is_minus_tau_times_the_finite_difference(float64, strategy_name, scope, sync_bn, network):
     strategy = make_strategy(strategy_name)
     meta_step = build(strategy, scope=scope, tau=1.0, sync_bn=sync_bn, network=network)
@@ -115,7 +115,7 @@ def verification_objective_after_pseudo_update(meta_step, batch, meta, margins, 
     return {factor: class_balanced(per_sample, meta[factor].numpy(), factor) for factor in schema.FACTORS}
 
 
-@pytest.mark.parametrize("strategy_name,scope,sync_bn", [("default", "head", False), ("mirrored", "all", True)])
+@pytest.mark.parametrize("strategy_name,scope,sync_bn", [("default", "output_block", False), ("mirrored", "all", True)])
 def test_verification_objective_residual_is_minus_tau_times_the_finite_difference(float64, strategy_name, scope,
                                                                                   sync_bn):
     strategy = make_strategy(strategy_name)

@@ -8,7 +8,7 @@ from mvcom_tf.meta.statistics import MetaSums, VariationSums
 from mvcom_tf.meta.step import pseudo_update
 from mvcom_tf.losses.margins import wins_without_margin
 from mvcom_tf.models.heads import MarginHead
-from mvcom_tf.steps import MarginStep
+from mvcom_tf.margin_step import MarginStep
 from mvcom_tf.training.metrics import IdentitySums, StepSums, accumulate, sums_of_samples, to_numpy
 
 

@@ -164,7 +164,8 @@ def test_a_lost_worker_ends_the_survivor_with_one_line_and_a_restart_resumes_fro
     assert (run_dir / "checkpoints" / "pretrain" / f"ckpt-{last + 2}.index").exists()
 
 
-def test_two_workers_stopped_by_a_sigterm_then_killed_while_saving_end_with_the_uninterrupted_weights(tmp_path, tiny_data):
+def test_two_workers_stopped_by_a_sigterm_then_killed_while_saving_end_with_the_uninterrupted_weights(
+        tmp_path, tiny_data):
     """Issue 23's two-worker drills: a SIGTERM (TensorFlow's PreemptionCheckpointHandler agrees on the step), then
     both workers killed while the chief writes a checkpoint; the run resumes from the checkpoint before."""
     args = [*TINY, *data_flags(tiny_data), "--eval_data=", "--strategy=multi_worker", "--checkpoint_every=5",

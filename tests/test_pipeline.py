@@ -4,7 +4,7 @@ import tensorflow as tf
 from mvcom_tf.data import schema
 from mvcom_tf.data.pipeline import (DecodeFailures, balanced_acceptance, eval_dataset, looks_complete,
                                     normalize_images, train_dataset)
-from mvcom_tf.data.synthesis import VariationSynthesis
+from mvcom_tf.data.augmentation import VariationAugmentation
 from mvcom_tf.data.tfrecord import SplitWriter, read_info
 
 
@@ -60,7 +60,7 @@ def test_resumed_epoch_continues_the_same_order(tmp_path):
     def batches(skip_records):
         dataset = train_dataset(str(tmp_path), info, batch_size=4, image_size=8, seed=7, epoch=2,
                                 skip_records=skip_records, shuffle_buffer=40,
-                                augment=VariationSynthesis(blur_prob=0.5, occlusion_prob=0.5))
+                                augment=VariationAugmentation(blur_prob=0.5, occlusion_prob=0.5))
         return [(b["identity"].numpy().tolist(), b["image"].numpy(), b["blur"].numpy(), b["occlusion"].numpy())
                 for b in dataset.take(10 - skip_records // 4)]
 

@@ -10,7 +10,7 @@ from mvcom_tf.config import TrainConfig
 from mvcom_tf.config_flags import parse_config
 from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, ShardLayout, default_devices
 from mvcom_tf.stages.build import build_margin_step, build_stage
-from mvcom_tf.steps import ShardedMarginStep
+from mvcom_tf.margin_step import ShardedMarginStep
 from mvcom_tf.training.distribute import make_strategy
 from tests.helpers import TINY, build as build_meta, data_flags, make_batches, run_module, small_backbone
 
@@ -93,7 +93,7 @@ def test_sharded_head_takes_the_replicated_heads_meta_steps(float64):
     assert isinstance(sharded.margin_step, ShardedMarginStep)
 
     def meta_state(meta_step):
-        return state(meta_step.margin_step) + [w.numpy() for w in meta_step.heads.weights]
+        return state(meta_step.margin_step) + [w.numpy() for w in meta_step.variation_heads.weights]
 
     def slice_of(data, context):
         n = len(data["image"]) // context.num_replicas_in_sync
@@ -210,16 +210,16 @@ def test_the_command_shards_resumes_on_one_replica_and_hands_its_centres_to_a_re
     assert kernel.shape == (16, 60)
     meta = run_module(["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--stage=meta",
                        f"--init_checkpoint={run_dir}/checkpoints/pretrain", f"--model_dir={tmp_path}/meta",
-                       "--max_steps=1", "--meta_scope=head"])
+                       "--max_steps=1", "--meta_scope=output_block"])
     assert meta.returncode == 0, meta.stderr[-3000:]
     assert "initialised backbone and identity head" in meta.stderr
     # The meta stage with a sharded head, from the sharded pre-training's checkpoint, on 2 replicas
-    # (scope `head`: the second-order pass of the whole network takes minutes to trace here, and the
+    # (scope `output_block`: the second-order pass of the whole network takes minutes to trace here, and the
     # equivalence test above already covers it).
     sharded_meta = run_module(["-m", "mvcom_tf.train", *common, "--stage=meta", "--cpu_replicas=2",
                                "--strategy=mirrored", f"--init_checkpoint={run_dir}/checkpoints/pretrain",
                                f"--model_dir={tmp_path}/sharded_meta", "--max_steps=3", "--variation_warmup_steps=1",
-                               "--meta_scope=head"])
+                               "--meta_scope=output_block"])
     assert sharded_meta.returncode == 0, sharded_meta.stderr[-3000:]
     kernel = tf.train.load_checkpoint(str(tmp_path / "sharded_meta" / "checkpoints" / "meta")).get_tensor(
         "head/.ATTRIBUTES/kernel")

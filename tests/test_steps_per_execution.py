@@ -20,8 +20,8 @@ def dataset_of(batches):
 def run(kind, steps_per_execution, batches):
     """STEPS steps of the margin step or the meta step, in calls of steps_per_execution; weights and metrics."""
     strategy = tf.distribute.get_strategy()
-    # Scope `head`: the loop is the same for either scope, and this graph traces in a fraction of the time.
-    meta_step = build(strategy, scope="head")
+    # Scope `output_block`: the loop is the same for either scope, and this graph traces in a fraction of the time.
+    meta_step = build(strategy, scope="output_block")
     step_fn = meta_step if kind == "meta" else meta_step.margin_step
     compiled = CompiledSteps(strategy, steps_per_execution=steps_per_execution)
     iterators = (iter(dataset_of([batch for batch, _ in batches])),)
@@ -29,7 +29,7 @@ def run(kind, steps_per_execution, batches):
         iterators += (iter(dataset_of([meta for _, meta in batches])),)
     calls = [compiled(step_fn, iterators, steps_per_execution) for _ in range(STEPS // steps_per_execution)]
     model = meta_step.margin_step
-    weights = model.backbone.get_weights() + model.head.get_weights() + meta_step.heads.get_weights()
+    weights = model.backbone.get_weights() + model.head.get_weights() + meta_step.variation_heads.get_weights()
     return weights, calls
 
 

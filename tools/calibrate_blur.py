@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from absl import app, flags
 
-from mvcom_tf.data import alignment, schema, synthesis, synthetic
+from mvcom_tf.data import alignment, augmentation, schema, synthetic
 
 
 def measure(num_faces: int, seed: int) -> dict[int, np.ndarray]:
@@ -25,7 +25,7 @@ def measure(num_faces: int, seed: int) -> dict[int, np.ndarray]:
         rng = np.random.default_rng([seed, face])
         image = synthetic.render_face(identity, float(rng.uniform(-40, 40)), int(rng.integers(5)), 0, size, rng)
         for level in values:
-            blurred = synthesis.blur_level(tf.constant(image, tf.float32), tf.constant(level))
+            blurred = augmentation.blur_level(tf.constant(image, tf.float32), tf.constant(level))
             values[level].append(float(alignment.laplacian_variance(blurred)))
     return {level: np.asarray(v) for level, v in values.items()}
 
@@ -42,7 +42,7 @@ def main(argv) -> None:
     values = measure(flags.FLAGS.num_faces, flags.FLAGS.seed)
     print("| blur class | sigma at 112 px | min | median | max |\n| --- | --- | --- | --- | --- |")
     for level, v in values.items():
-        print(f"| {schema.CLASS_NAMES['blur'][level]} | {synthesis.BLUR_SIGMA_AT_64[level] * 112 / 64:.2f} | "
+        print(f"| {schema.CLASS_NAMES['blur'][level]} | {augmentation.BLUR_SIGMA_AT_64[level] * 112 / 64:.2f} | "
               f"{v.min():.3g} | {np.median(v):.3g} | {v.max():.3g} |")
     edges = thresholds(values)
     print(f"BLUR_THRESHOLDS = ({', '.join(f'{edge:.3g}' for edge in edges)})")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-import time
 
 from absl import app, flags
 
 from mvcom_tf.data import synthetic
+from mvcom_tf.progress_line import ProgressLine
 
 FLAGS = flags.FLAGS
 
@@ -36,16 +36,15 @@ def main(argv):
         num_identities=FLAGS.num_identities, image_size=FLAGS.image_size, seed=FLAGS.seed,
         max_images=FLAGS.max_images, min_images=FLAGS.min_images, zipf_exponent=FLAGS.zipf_exponent,
         meta_images=FLAGS.meta_images, pair_anchors=FLAGS.pair_anchors)
-    start = time.perf_counter()
+    line = None
 
     def progress(done: int, total: int) -> None:
-        if done % 500 == 0 or done == total:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"\r{FLAGS.split}: {done}/{total} images, {rate:.0f} images/s, "
-                  f"ETA {(total - done) / max(rate, 1e-9):.0f} s", end="", file=sys.stderr, flush=True)
+        nonlocal line
+        line = line or ProgressLine(f"synthetic {FLAGS.split}", total)
+        line.advance(done - line.done)
 
     info = synthetic.write_split(FLAGS.out_dir, FLAGS.split, config, FLAGS.num_shards, progress)
-    print(f"\nwrote {info.num_images} images of {info.num_identities} identities to {FLAGS.out_dir}", file=sys.stderr)
+    print(f"wrote {info.num_images} images of {info.num_identities} identities to {FLAGS.out_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import schema
-from mvcom_tf.data.synthesis import BLUR_SIGMA_AT_64
+from mvcom_tf.data.augmentation import BLUR_SIGMA_AT_64
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, SplitWriter, read_info
 from mvcom_tf.files import write_text
 

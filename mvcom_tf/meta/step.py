@@ -33,10 +33,10 @@ from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.meta.statistics import MetaSamples, MetaSums, VariationSums, residual_sums, tail_sums
 from mvcom_tf.models.heads import VariationHeads
 from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX, output_block_layers
-from mvcom_tf.steps import MarginStep
+from mvcom_tf.margin_step import MarginStep
 from mvcom_tf.training.metrics import StepOutput, StepSums, sums_of_samples
 
-META_SCOPES = ("all", "head")
+META_SCOPES = ("all", "output_block")
 # What the residuals descend on V (step c): Eq. 13's variation losses, or our verification objective.
 META_OBJECTIVES = ("variation", "verification")
 # Faces of each replica's batch drawn with their residuals (the seed's Fig. 6) in TensorBoard.
@@ -63,7 +63,7 @@ def pseudo_update(weights: list[tf.Tensor], gradients: list[tf.Tensor], mask: li
 
 
 class OutputBlock:
-    """The backbone split at its output block, for the meta scope `head` (only the block is pseudo-updated):
+    """The backbone split at its output block, for the meta scope `output_block` (only the block is pseudo-updated):
     the meta batch goes through the trunk once, and through the block at the pseudo and at the current weights."""
 
     def __init__(self, backbone: keras.Model) -> None:
@@ -107,7 +107,8 @@ class MetaStep:
             raise ValueError(f"the meta batch ({settings.batch_size}) must be a positive multiple of the "
                              f"{replicas} replica(s)")
         self.settings, self.contrastive_scale = settings, contrastive_scale
-        self.margin_step, self.heads, self.variation_optimizer = margin_step, variation_heads, variation_optimizer
+        self.margin_step = margin_step
+        self.variation_heads, self.variation_optimizer = variation_heads, variation_optimizer
         self.identity_head_optimizer = identity_head_optimizer
         self.factor_weights = dict(zip(schema.FACTORS, settings.factor_weights))
         # |V| on this replica and over all replicas (the variation losses are means over the global V).
@@ -118,7 +119,7 @@ class MetaStep:
         backbone = margin_step.backbone
         self.pseudo_mask = [settings.scope == "all" or v.path.startswith(OUTPUT_BLOCK_PREFIX)
                             for v in backbone.trainable_variables]
-        self.output_block = OutputBlock(backbone) if settings.scope == "head" else None
+        self.output_block = OutputBlock(backbone) if settings.scope == "output_block" else None
 
     # ------------------------------------------------------------------ pieces
 
@@ -131,7 +132,7 @@ class MetaStep:
 
     def variation_loss_sums(self, embeddings, labels) -> tuple[dict, dict]:
         """Per-factor variation loss over the global meta batch (unknown labels add 0), and the logits."""
-        logits = self.heads(embeddings)
+        logits = self.variation_heads(embeddings)
         per_sample = variation_losses(logits, labels)
         return {f: tf.reduce_sum(loss) / self.global_meta_batch_size for f, loss in per_sample.items()}, logits
 
@@ -145,7 +146,7 @@ class MetaStep:
         return class_balanced_sums(per_anchor, labels)
 
     def trunk_features(self, meta_batch):
-        """What the meta batch needs before the pseudo-update: its trunk features (scope `head` only)."""
+        """What the meta batch needs before the pseudo-update: its trunk features (scope `output_block` only)."""
         return None if self.output_block is None else self.output_block.trunk_features(meta_batch["image"])
 
     def select(self, batch, meta_pool):
@@ -237,8 +238,8 @@ class MetaStep:
         with tf.GradientTape() as tape:
             losses, logits = self.variation_loss_sums(embeddings, labels)
             total = tf.add_n(list(losses.values()))
-        gradients = tape.gradient(total, self.heads.trainable_variables)
-        self.variation_optimizer.apply_gradients(zip(gradients, self.heads.trainable_variables))
+        gradients = tape.gradient(total, self.variation_heads.trainable_variables)
+        self.variation_optimizer.apply_gradients(zip(gradients, self.variation_heads.trainable_variables))
         sums = VariationSums({}, {}, {})
         for factor in schema.FACTORS:
             known = labels[factor] >= 0

@@ -15,7 +15,7 @@ STAGE_BLOCKS = {
 STAGE_WIDTHS = (64, 128, 256, 512)
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
-# The output block is what `--meta_scope=head` pseudo-updates: it is found by this prefix.
+# The output block is what `--meta_scope=output_block` pseudo-updates: it is found by this prefix.
 OUTPUT_BLOCK_PREFIX = "output_"
 
 
@@ -112,5 +112,6 @@ def build_iresnet(
 
 
 def output_block_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The layers of the output block (BN-Dropout-Flatten-Dense-BN), in order: what --meta_scope=head updates."""
+    """The layers of the output block (BN-Dropout-Flatten-Dense-BN), in order: what --meta_scope=output_block
+    pseudo-updates."""
     return [layer for layer in model.layers if layer.name.startswith(OUTPUT_BLOCK_PREFIX)]

@@ -25,7 +25,7 @@ from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
 from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, head_footprint
 from mvcom_tf.stages.meta import MetaStage
 from mvcom_tf.stages.pretrain import PretrainStage
-from mvcom_tf.steps import MarginStep, ShardedMarginStep
+from mvcom_tf.margin_step import MarginStep, ShardedMarginStep
 from mvcom_tf.training.distribute import read_input
 from mvcom_tf.training.stage import Stage
 
@@ -180,17 +180,17 @@ def build_meta_step(config: TrainConfig, margin_step: MarginStep, histograms: di
     scope). `histograms` are the training split's variation label counts (dataset.json): the head classes
     of the tail statistics come from them ({}: none)."""
     meta, momentum = config.meta, config.optimizer.momentum
-    heads = VariationHeads(name="variation_heads", dtype=float32_if_mixed())
-    heads.build((None, config.model.embedding_size))
+    variation_heads = VariationHeads(name="variation_heads", dtype=float32_if_mixed())
+    variation_heads.build((None, config.model.embedding_size))
     variation_optimizer = keras.optimizers.SGD(meta.variation_lr, momentum=momentum)
-    variation_optimizer.build(heads.trainable_variables)
-    trackables = {"variation_heads": heads, "variation_optimizer": variation_optimizer}
+    variation_optimizer.build(variation_heads.trainable_variables)
+    trackables = {"variation_heads": variation_heads, "variation_optimizer": variation_optimizer}
     identity_head_optimizer = None
     if meta.head_warmup_steps:  # replicated head only (a flag validator says so)
         identity_head_optimizer = keras.optimizers.SGD(meta.head_warmup_lr, momentum=momentum)
         identity_head_optimizer.build(margin_step.head.trainable_variables)
         trackables["identity_head_warmup_optimizer"] = identity_head_optimizer
-    meta_step = MetaStep(margin_step, heads, variation_optimizer,
+    meta_step = MetaStep(margin_step, variation_heads, variation_optimizer,
                          dataclasses.replace(meta, batch_size=config.global_meta_batch), replicas=replicas,
                          head_classes=head_classes(histograms), identity_head_optimizer=identity_head_optimizer,
                          contrastive_scale=config.head.scale)

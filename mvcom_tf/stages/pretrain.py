@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mvcom_tf.training.stage import Stage
-from mvcom_tf.steps import MarginStep
+from mvcom_tf.margin_step import MarginStep
 from mvcom_tf.training.compiled import ReplicaStep
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data.pipeline import DecodeFailures, balanced_acceptance, train_dataset
-from mvcom_tf.data.synthesis import VariationSynthesis
+from mvcom_tf.data.augmentation import VariationAugmentation
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, read_info
 
 
@@ -112,7 +112,7 @@ def distributed_batches(strategy: tf.distribute.Strategy, spec: InputSpec, optio
     or so), once per epoch if every epoch made its own. `nan_drill`: this input carries
     --debug_nan_step's NaN images.
     """
-    synthesis = VariationSynthesis(options.synth_blur_prob, options.synth_occlusion_prob)
+    augmentation = VariationAugmentation(options.synth_blur_prob, options.synth_occlusion_prob)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_step = context.num_replicas_in_sync // context.num_input_pipelines  # elements a step takes from here
@@ -126,7 +126,7 @@ def distributed_batches(strategy: tf.distribute.Strategy, spec: InputSpec, optio
                 image_size=options.image_size, seed=spec.seed, epoch=epoch,
                 skip_records=skip * spec.global_batch // context.num_input_pipelines,
                 input_context=context, failures=failures, shuffle_buffer=options.shuffle_buffer,
-                augment=synthesis if synthesis.active else None,
+                augment=augmentation if augmentation.active else None,
                 keep_probability=balanced_acceptance(spec.info.histograms) if spec.balanced else None,
                 group_size=spec.group_size)
             epochs.append(dataset.take((last - first) * per_step))

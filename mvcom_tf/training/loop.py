@@ -11,7 +11,7 @@ from absl import logging
 
 from mvcom_tf.config import TrainConfig
 from mvcom_tf.data.pipeline import DecodeFailures
-from mvcom_tf.training import benchmarks, faults, outputs
+from mvcom_tf.training import eval_data, faults, outputs
 from mvcom_tf.training.checkpoints import StageCheckpoints, stage_folder
 from mvcom_tf.training.compiled import CompiledSteps, execution_length
 from mvcom_tf.training.distribute import (InputOptions, distributed_batches, is_chief, make_strategy, retire,
@@ -125,11 +125,11 @@ def _after_steps(run: StageRun, step: int, epoch: int, preemption: faults.Preemp
         run.checkpoints.save(step)
     preemption.check(run.checkpoints, name, step, resume_dir)
     if evaluation.benchmarks and evaluation.every and step % evaluation.every == 0 and not final and is_chief():
-        results = benchmarks.evaluate(evaluation.benchmarks, stage.backbone, config.model.image_size,
+        results = eval_data.evaluate(evaluation.benchmarks, stage.backbone, config.model.image_size,
                                       evaluation.batch_size)
         logging.info("[%s] step %d: %s", name, step,
-                     "; ".join(f"{key} {benchmarks.headline(result)}" for key, result in results.items()))
-        benchmarks.log_evaluation(run.writer, step, results)
+                     "; ".join(f"{key} {eval_data.headline(result)}" for key, result in results.items()))
+        eval_data.log_evaluation(run.writer, step, results)
 
 
 def run(config: TrainConfig, build_stage: StageBuilder, summarise: RunSummary | None = None,
@@ -181,11 +181,11 @@ def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute
 def _evaluate_stage(config: TrainConfig, stage: Stage) -> dict:
     """--eval_data after a stage, logged at its last step; the first benchmark's figures at the top level."""
     evaluation = config.evaluation
-    results = benchmarks.evaluate(evaluation.benchmarks, stage.backbone, config.model.image_size,
+    results = eval_data.evaluate(evaluation.benchmarks, stage.backbone, config.model.image_size,
                                   evaluation.batch_size)
     for key, result in results.items():
-        logging.info("[%s] %s: %s", stage.name, key, benchmarks.headline(result))
+        logging.info("[%s] %s: %s", stage.name, key, eval_data.headline(result))
     writer = tf.summary.create_file_writer(posixpath.join(config.runtime.model_dir, "tensorboard", stage.name))
-    benchmarks.log_evaluation(writer, stage_length(config, stage), results)
+    eval_data.log_evaluation(writer, stage_length(config, stage), results)
     writer.flush()  # the command ends without destructors (mvcom_tf.cli.exit_now)
     return {**next(iter(results.values())), "benchmarks": results}

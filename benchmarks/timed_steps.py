@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, num_classes: int = 1000,
                precision: str = "float32", jit_compile: bool = False, inter_op_threads: int = 0):
-    """A compiled step function and its inputs: kind is plain, meta_all or meta_head.
+    """A compiled step function and its inputs: kind is plain, meta_all or meta_output_block.
 
     precision float32 or bfloat16 (Keras' mixed_bfloat16 policy, as --mixed_precision=bfloat16);
     jit_compile as --jit_compile (the step compiled by XLA); inter_op_threads > 0 caps TensorFlow's inter-op
@@ -86,7 +86,7 @@ def time_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch:
 
 def run_isolated(**kwargs) -> dict:
     """time_step in a fresh Python process, so that each variant's peak memory is its own."""
-    code = "import json; from benchmarks.steps import time_step; " \
+    code = "import json; from benchmarks.timed_steps import time_step; " \
            f"print(json.dumps(time_step(**{kwargs!r})))"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)

@@ -79,7 +79,7 @@ def _occluder_colour(kind: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class VariationSynthesis:
+class VariationAugmentation:
     """The pipeline's `augment` hook: occlusion, then blur, each with its probability, labels updated.
 
     An applied variation replaces the record's label for that factor; a record left
