@@ -11,7 +11,7 @@ import tensorflow as tf
 from mvcom_tf.data import alignment
 from mvcom_tf.data.tfrecord import DatasetError
 from mvcom_tf.evaluation import formats, ijb, metrics, protocols
-from mvcom_tf.evaluation.verification import kfold_accuracy
+from mvcom_tf.evaluation.verification import best_threshold, kfold_accuracy
 
 
 def test_tenfold_accuracy_worked_by_hand():
@@ -29,6 +29,20 @@ def test_tenfold_accuracy_worked_by_hand():
     assert result.std == pytest.approx(0.2)
     assert result.thresholds[3] == pytest.approx(0.475) and result.thresholds[8] == pytest.approx(0.675)
     assert result.thresholds[0] == pytest.approx(0.475)
+
+
+def test_best_threshold_equals_trying_every_candidate_on_every_pair():
+    """The cumulative count against the definition: each midpoint between distinct scores (and one below and one
+    above them all) tried on every pair, the most accurate kept, ties to the lowest; scores rounded to force ties."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 200))
+        same = rng.random(n) < rng.random()
+        scores = np.round(rng.normal(size=n) + 2 * rng.random() * same, int(rng.integers(0, 3)))
+        values = np.unique(scores)
+        candidates = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2.0, [values[-1] + 1.0]])
+        accuracy = [np.mean((scores >= t) == same) for t in candidates]
+        assert best_threshold(scores, same) == candidates[int(np.argmax(accuracy))]
 
 
 def test_tar_at_far_equals_brute_force():

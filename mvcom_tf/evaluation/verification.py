@@ -23,10 +23,17 @@ def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
     Candidates are midpoints between consecutive distinct scores, plus one below and one
     above them all, so the choice is exact rather than restricted to a grid.
     """
-    values = np.unique(scores)
+    scores, same = np.asarray(scores, np.float64), np.asarray(same, bool)
+    order = np.argsort(scores, kind="stable")
+    values, first = np.unique(scores[order], return_index=True)
     candidates = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2.0, [values[-1] + 1.0]])
-    accuracy = [np.mean((scores >= t) == same) for t in candidates]
-    return float(candidates[int(np.argmax(accuracy))])
+    # Candidate j accepts the sorted pairs from position starts[j] on: right are the positives there and the
+    # negatives before. Counting with a cumulative sum is O(n log n); trying every candidate on every pair
+    # was O(n^2), minutes for the 70,000 pairs of a bias-study split.
+    starts = np.append(first, len(scores))
+    positives_before = np.concatenate([[0], np.cumsum(same[order])])[starts]
+    right = (positives_before[-1] - positives_before) + (starts - positives_before)
+    return float(candidates[int(np.argmax(right))])
 
 
 @dataclasses.dataclass
