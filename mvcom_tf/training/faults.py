@@ -54,6 +54,9 @@ class SignalPreemption:
             raise Preempted(f"[{stage}] SIGTERM: saved {checkpoints.latest} at step {step}; run the same command "
                             "again to resume from it")
 
+    def close(self) -> None:
+        """Nothing to release: the SIGTERM handler is restored by preemption_watch."""
+
 
 class ClusterPreemption:
     """MultiWorkerMirroredStrategy: a SIGTERM to any worker stops every worker at one agreed step, saved.
@@ -80,6 +83,7 @@ class ClusterPreemption:
         self._handler.save_checkpoint_if_preempted(checkpoints, stage, step, resume_dir)
 
     def close(self) -> None:
+        """Removes the handler's scratch folder of call counts."""
         tf.io.gfile.rmtree(self._counts)
 
     def _save(self, checkpoints: StageCheckpoints, stage: str, step: int, resume_dir: str) -> None:
@@ -110,8 +114,7 @@ def preemption_watch(strategy: tf.distribute.Strategy, chief: bool):
         yield watch
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if isinstance(watch, ClusterPreemption):
-            watch.close()
+        watch.close()
 
 
 def check_finite(sums: StepSums, stage: str, first: int, count: int, last_checkpoint: str | None) -> None:
