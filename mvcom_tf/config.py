@@ -182,6 +182,9 @@ class EvaluationConfig:
 class ExportConfig:
     """What the run writes for serving once its last stage ends."""
 
+    saved_model: bool = option(True, "Export the backbone as a SavedModel when the run ends; --noexport keeps only "
+                                     "the checkpoints and metrics.json (sweeps: re-running the command with --export "
+                                     "exports a finished run).", flag="export")
     dir: str = option("", "SavedModel folder; empty: <model_dir>/export.", flag="export_dir")
     tflite: bool = option(False, "Also write <export_dir>_tflite/embedding_{float,int8}.tflite (float32, and "
                                  "dynamic-range int8 weights).", flag="export_tflite")

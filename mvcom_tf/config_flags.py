@@ -87,6 +87,10 @@ def _register_validators(flag_values: flags.FlagValues) -> None:
                    flag_values=flag_values)
     register_multi(["jit_compile", "strategy"], lambda f: not (f["jit_compile"] and f["strategy"] != "default"),
                    "--jit_compile needs --strategy=default (one device per process)", flag_values=flag_values)
+    register_multi(["export", "export_tflite", "export_onnx"],
+                   lambda f: f["export"] or not (f["export_tflite"] or f["export_onnx"]),
+                   "--export_tflite and --export_onnx convert the SavedModel: they need --export",
+                   flag_values=flag_values)
     register_multi(["margin_min", "margin_max"], lambda f: f["margin_min"] <= f["margin_max"],
                    "--margin_min must not exceed --margin_max", flag_values=flag_values)
     register_multi(["head_sharding", "head_warmup_steps"],

@@ -91,9 +91,9 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
     except faults.Preempted as stopped:
         print(f"stopped: {stopped}", file=sys.stderr)
         return 0
+    exported = f"SavedModel in {metrics['export_dir']}" if "export_dir" in metrics else "no SavedModel (--noexport)"
     logging.info("run folder %s: checkpoints/, tensorboard/ (tensorboard --logdir %s/tensorboard), flags.txt, "
-                 "metrics.json; SavedModel in %s", config.runtime.model_dir, config.runtime.model_dir,
-                 metrics["export_dir"])
+                 "metrics.json; %s", config.runtime.model_dir, config.runtime.model_dir, exported)
     if "accuracy" in metrics:
         logging.info("verification accuracy %.4f", metrics["accuracy"])
     return 0

@@ -18,7 +18,7 @@ def test_every_field_of_every_part_is_a_flag_with_the_fields_default():
     flag_values = flags.FlagValues()
     define_flags(flag_values)
     named = list(flag_fields())
-    assert len(named) == len({name for name, _, _ in named}) == 67
+    assert len(named) == len({name for name, _, _ in named}) == 68
     assert {name for name, _, _ in named} <= set(flag_values)
     parsed = parse_config(["--train_data=x"])
     for name, part, field in named:
@@ -77,6 +77,7 @@ def test_flag_sources_name_the_flagfile_and_the_command_line():
     (["--train_data=x", "--stage=pretrain,meta"], "--stage=meta needs --meta_data"),
     (["--train_data=x", "--factor_weights=1,2"], "--factor_weights must be 4 numbers"),
     (["--train_data=x", "--lr_steps=8,eleven"], "--lr_steps must be a comma-separated list of numbers"),
+    (["--train_data=x", "--noexport", "--export_onnx"], "--export_tflite and --export_onnx convert the SavedModel"),
 ])
 def test_inconsistent_flags_are_refused_by_name(argv, message):
     with pytest.raises(flags.IllegalFlagValueError, match=message):

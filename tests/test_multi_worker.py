@@ -54,10 +54,14 @@ def test_two_workers_reach_the_weights_of_one_process_with_the_whole_batch(tmp_p
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
 
-def test_only_the_chief_writes_files(tmp_path, tiny_data):
+def test_two_workers_shard_the_identity_head_only_the_chief_writes_and_one_process_resumes(tmp_path, tiny_data):
+    """Each worker holds its own shard of centres; a checkpoint gathers both (a collective at save), only the chief
+    writes into the run folder, and a single process restores the whole head and goes on."""
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     run_dir = tmp_path / "run"
+    common = [*TINY, *data_flags(tiny_data), f"--model_dir={run_dir}", "--head_sharding=sharded",
+              "--checkpoint_every=2"]
     processes, scratch = [], []
     for index in range(2):
         folder = tmp_path / f"worker{index}"
@@ -65,14 +69,15 @@ def test_only_the_chief_writes_files(tmp_path, tiny_data):
         scratch.append(folder)
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--strategy=multi_worker",
-             "--max_steps=4", "--checkpoint_every=2", f"--eval_data=synthetic:{tiny_data}/test",
-             f"--model_dir={run_dir}"],
-            cwd=str(folder), env=_env(TF_CONFIG=tf_config, TMPDIR=str(folder / "tmp"), PYTHONPATH=REPO),
+            [sys.executable, "-m", "mvcom_tf.train", *common, f"--eval_data=synthetic:{tiny_data}/test",
+             "--strategy=multi_worker", "--max_steps=4", "--export"],
+            cwd=str(folder), env=_env(TF_CONFIG=tf_config, TMPDIR=str(folder / "tmp")),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
+        assert "identity head, sharded over 2 replica(s): 30 centres per replica" in err
+
     written = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert "metrics.json" in written and "flags.txt" in written and "export/saved_model.pb" in written
     assert "checkpoints/pretrain/ckpt-4.index" in written
@@ -81,30 +86,6 @@ def test_only_the_chief_writes_files(tmp_path, tiny_data):
     # (TensorFlow's autograph may leave its own generated modules in the temporary folder).
     assert [p.name for p in scratch[1].iterdir()] == ["tmp"]
     assert not list((scratch[1] / "tmp").glob("mvcom_tf_worker_*"))
-    assert "2 replica(s)" in outputs[0][1] and "2 replica(s)" in outputs[1][1]
-
-
-def test_two_workers_shard_the_identity_head_and_one_process_resumes_their_checkpoint(tmp_path, tiny_data):
-    """Each worker holds its own shard of centres; a checkpoint gathers both (a collective at save), and a
-    single process restores the whole head and goes on."""
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    run_dir = tmp_path / "run"
-    common = [*TINY, *data_flags(tiny_data), "--eval_data=", f"--model_dir={run_dir}", "--head_sharding=sharded",
-              "--checkpoint_every=2"]
-    processes = []
-    for index in range(2):
-        folder = tmp_path / f"worker{index}"
-        (folder / "tmp").mkdir(parents=True)
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "mvcom_tf.train", *common, "--strategy=multi_worker", "--max_steps=4"],
-            cwd=str(folder), env=_env(TF_CONFIG=tf_config, TMPDIR=str(folder / "tmp")),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (_, err) in zip(processes, outputs):
-        assert process.returncode == 0, err[-3000:]
-        assert "identity head, sharded over 2 replica(s): 30 centres per replica" in err
 
     reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / "pretrain" / "ckpt-4"))
     kernel, momentum = reader.get_tensor("head/.ATTRIBUTES/kernel"), reader.get_tensor("head/.ATTRIBUTES/momentum")
@@ -112,8 +93,8 @@ def test_two_workers_shard_the_identity_head_and_one_process_resumes_their_check
     # Both workers' halves moved (a worker that saved only its own shard would leave the other's initial
     # N(0, 0.01) values with zero momentum).
     assert np.abs(momentum[:, :30]).max() > 0 and np.abs(momentum[:, 30:]).max() > 0
-    resumed = subprocess.run([sys.executable, "-m", "mvcom_tf.train", *common, "--max_steps=6"], cwd=REPO,
-                             env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([sys.executable, "-m", "mvcom_tf.train", *common, "--eval_data=", "--max_steps=6"],
+                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/pretrain/ckpt-4 at step 4" in resumed.stderr
 
@@ -192,7 +173,7 @@ def test_two_workers_stopped_by_a_sigterm_then_killed_while_saving_end_with_the_
     step = int(stops[0].split("stopped after step ")[1].split(",")[0])
     assert 0 < step < 40 and f"stopped after step {step}," in stops[1]
     assert f"saved as {run_dir}/checkpoints/pretrain/ckpt-{step};" in stops[0]
-    assert f"saved as the chief's checkpoint in {run_dir}/checkpoints/pretrain;" in stops[1]  # not its scratch
+    assert f"saved as the chief's latest checkpoint in {run_dir}/checkpoints/pretrain;" in stops[1]  # not its scratch
     folder = run_dir / "checkpoints" / "pretrain"
     assert tf.train.latest_checkpoint(str(folder)) == f"{folder}/ckpt-{step}"
     # Both hosts lose power while the chief writes a periodic checkpoint.

@@ -46,10 +46,13 @@ def test_bad_data_folders_exit_with_a_message_naming_the_path(tmp_path, tiny_dat
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_data):
+    """Also: --noexport writes no SavedModel, and the same command with --export exports the finished run."""
     args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=12",
             "--checkpoint_every=3", "--epochs=3"]
-    straight = run_module([*args, f"--model_dir={tmp_path}/straight"])
+    straight = run_module([*args, f"--model_dir={tmp_path}/straight", "--noexport"])
     assert straight.returncode == 0, straight.stderr[-2000:]
+    assert "metrics.json; no SavedModel (--noexport)" in straight.stderr
+    assert (tmp_path / "straight" / "metrics.json").exists() and not (tmp_path / "straight" / "export").exists()
 
     interrupted = f"{tmp_path}/interrupted"
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -69,6 +72,11 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_data):
     assert a.keys() == b.keys() and len(a) > 50
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    exported = run_module([*args, f"--model_dir={tmp_path}/straight", "--export"])
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"resumed from {tmp_path}/straight/checkpoints/pretrain/ckpt-12 at step 12" in exported.stderr
+    assert f"SavedModel in {tmp_path}/straight/export" in exported.stderr
+    assert (tmp_path / "straight" / "export" / "saved_model.pb").exists()
 
 
 LOAD_SAVED_MODEL = textwrap.dedent("""
@@ -115,7 +123,7 @@ def test_eval_every_logs_verification_during_the_stage(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
     result = run_module(["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--max_steps=6", "--epochs=3",
                          "--eval_every=3", f"--eval_data=synthetic:{tiny_data}/test", f"--model_dir={run_dir}",
-                         "--export_tflite", "--export_onnx"])
+                         "--export", "--export_tflite", "--export_onnx"])
     assert result.returncode == 0, result.stderr[-2000:]
     steps = {}
     for path in tf.io.gfile.glob(f"{run_dir}/tensorboard/pretrain/events.*"):
@@ -145,10 +153,12 @@ def _trainable_weights(run_dir, stage):
 
 def test_xla_and_bfloat16_steps_follow_the_plain_float32_step(tmp_path, tiny_data):
     """One pre-training step and one meta step: the weight updates of the XLA and bfloat16 runs point where the
-    plain float32 run's do (an --lr=0 run gives the initial weights)."""
+    plain float32 run's do (a pre-training at --lr=0 gives the initial weights). The meta step pseudo-updates the
+    output block: tracing and compiling the whole network's second-order pass three times would take minutes
+    here (test_meta.py compiles that pass with XLA in process)."""
     args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--max_steps=1",
-            "--stage=pretrain,meta", "--variation_warmup_steps=0", "--weight_decay=0"]
-    runs = {"initial": ["--lr=0", "--meta_lr=0"], "plain": [], "xla": ["--jit_compile"],
+            "--stage=pretrain,meta", "--variation_warmup_steps=0", "--weight_decay=0", "--meta_scope=output_block"]
+    runs = {"initial": ["--lr=0", "--stage=pretrain"], "plain": [], "xla": ["--jit_compile"],
             "bf16": ["--mixed_precision=bfloat16"]}
     # Two runs at a time: tracing and XLA compilation, most of each run here, use one core.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -157,7 +167,7 @@ def test_xla_and_bfloat16_steps_follow_the_plain_float32_step(tmp_path, tiny_dat
     weights = {}
     for name, result in results.items():
         assert result.returncode == 0, (name, result.stderr[-2000:])
-        weights[name] = _trainable_weights(f"{tmp_path}/{name}", "meta")
+        weights[name] = _trainable_weights(f"{tmp_path}/{name}", "pretrain" if name == "initial" else "meta")
     update = weights["plain"] - weights["initial"]
     assert np.linalg.norm(update) > 1e-3
     for name, least in (("xla", 0.999), ("bf16", 0.98)):

@@ -16,7 +16,8 @@ def saved_model_dir(model: str) -> str:
     for candidate in (model, posixpath.join(model, "export")):
         if tf.io.gfile.exists(posixpath.join(candidate, "saved_model.pb")):
             return candidate
-    raise FileNotFoundError(f"--model={model}: neither it nor {model}/export holds a saved_model.pb")
+    raise FileNotFoundError(f"--model={model}: neither it nor {model}/export holds a saved_model.pb (a run trained "
+                            "with --noexport has none: run its training command again with --export)")
 
 
 def load_embedder(model: str, image_size: int = 0, onnx_input: OnnxInput | None = None):

@@ -88,13 +88,20 @@ class ClusterPreemption:
 
     def _save(self, checkpoints: StageCheckpoints, stage: str, step: int, resume_dir: str) -> None:
         checkpoints.save(step)
-        # A non-chief's own save is in its scratch folder, deleted on exit: it names the chief's.
-        saved = checkpoints.latest if self._chief else f"the chief's checkpoint in {resume_dir}"
+        saved = resume_point(checkpoints.latest, self._chief, resume_dir)
         self._stop = Preempted(f"[{stage}] SIGTERM to a worker: every worker stopped after step {step}, saved as "
                                f"{saved}; run the same command on every worker to resume from it")
 
     def _exit(self) -> None:
         raise self._stop
+
+
+def resume_point(latest: str | None, chief: bool, resume_dir: str) -> str:
+    """The checkpoint a stopped worker names to resume from: its own latest save on the chief; a non-chief's own
+    saves are in its scratch folder, deleted on exit, so it names the chief's."""
+    if chief:
+        return latest or "the start of the stage"
+    return f"the chief's latest checkpoint in {resume_dir}"
 
 
 @contextlib.contextmanager

@@ -60,9 +60,7 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
     except faults.PEER_ERRORS as error:
         if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise
-        # A non-chief's own saves are in its scratch folder, deleted on exit: it names the chief's.
-        resume_from = ((run.checkpoints.latest or "the start of the stage") if is_chief()
-                       else f"the chief's last checkpoint in {resume_dir}")
+        resume_from = faults.resume_point(run.checkpoints.latest, is_chief(), resume_dir)
         raise faults.worker_lost(error, stage.name, step, task_name(), resume_from) from None
     finally:
         retire(iterators)  # not deleted: see distribute.retire
@@ -172,7 +170,8 @@ def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute
         metrics.update(summarise(metrics["stages"]))
     final = metrics["stages"].get(config.runtime.stages[-1], {})
     metrics.update({key: final[key] for key in ("accuracy", "accuracy_std", "groups", "benchmarks") if key in final})
-    metrics["export_dir"] = config.export.dir or posixpath.join(config.runtime.model_dir, "export")
+    if export_dir := outputs.export_folder(config):
+        metrics["export_dir"] = export_dir
     if chief:
         outputs.write_outputs(config, stage.backbone, metrics)
     return metrics

@@ -23,15 +23,22 @@ def single_device_copy(config: TrainConfig, backbone: keras.Model) -> keras.Mode
     return copy
 
 
+def export_folder(config: TrainConfig) -> str | None:
+    """Where the run's SavedModel goes: --export_dir, or <model_dir>/export; None with --noexport."""
+    if not config.export.saved_model:
+        return None
+    return config.export.dir or posixpath.join(config.runtime.model_dir, "export")
+
+
 def write_outputs(config: TrainConfig, backbone: keras.Model, metrics: dict) -> dict:
-    """Exports the backbone (SavedModel, and TFLite/ONNX if asked) and writes metrics.json; returns metrics."""
-    export, model_dir = config.export, config.runtime.model_dir
-    export_dir = export.dir or posixpath.join(model_dir, "export")
-    metrics["export_dir"] = export_dir
-    export_saved_model(single_device_copy(config, backbone), export_dir, config.model.image_size)
+    """Exports the backbone (SavedModel, and TFLite/ONNX if asked; --noexport: none) and writes metrics.json;
+    returns metrics."""
+    export, export_dir = config.export, export_folder(config)
+    if export_dir:
+        export_saved_model(single_device_copy(config, backbone), export_dir, config.model.image_size)
     if export.tflite:
         metrics["tflite"] = export_tflite(export_dir, f"{export_dir}_tflite")
     if export.onnx:
         metrics["onnx"] = export_onnx(export_dir, f"{export_dir}_onnx")
-    write_json(posixpath.join(model_dir, METRICS_FILE), metrics)
+    write_json(posixpath.join(config.runtime.model_dir, METRICS_FILE), metrics)
     return metrics
