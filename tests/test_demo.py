@@ -16,7 +16,7 @@ from mvcom_tf.data import schema, synthetic
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     configs = {
-        "train": synthetic.SplitConfig(num_identities=300, image_size=32, seed=11),
+        "train": synthetic.SplitConfig(num_identities=150, image_size=32, seed=11),
         "meta": synthetic.SplitConfig(num_identities=40, image_size=32, seed=11, meta_images=8),
         "test": synthetic.SplitConfig(num_identities=64, image_size=32, seed=11),
     }
@@ -25,7 +25,7 @@ def demo_run(tmp_path_factory):
     run_dir = root / "run"
     result = run_module(["-m", "mvcom_tf.train", "--flagfile=flags/demo.cfg", f"--train_data={root}/train",
                          f"--meta_data={root}/meta", f"--eval_data={root}/test", f"--model_dir={run_dir}",
-                         "--epochs=10", "--lr_steps=7,9", "--meta_epochs=1", "--variation_warmup_steps=10",
+                         "--epochs=6", "--lr_steps=4,5", "--meta_epochs=1", "--variation_warmup_steps=10",
                          "--log_every=10"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result

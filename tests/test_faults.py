@@ -165,7 +165,7 @@ def test_the_meta_stage_ends_with_the_same_weights_alone_and_beside_cpu_bound_pr
     unpinned runs also agree (tried: --nodeterministic passes here too), so this guards the pinned behaviour
     rather than reproducing the divergence, which needs the demo's length."""
     args = ["-m", "mvcom_tf.train", *TINY, *data_flags(tiny_data), "--eval_data=", "--stage=pretrain,meta",
-            "--epochs=1", "--meta_epochs=2", "--variation_warmup_steps=2", "--meta_scope=output_block"]
+            "--epochs=1", "--meta_epochs=1", "--variation_warmup_steps=2", "--meta_scope=output_block"]
     alone = run_module([*args, f"--model_dir={tmp_path}/alone"], timeout=900)
     assert alone.returncode == 0, alone.stderr[-2000:]
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]

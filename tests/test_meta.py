@@ -175,6 +175,21 @@ def test_factor_weight_zero_switches_a_factor_off(float64):
     np.testing.assert_allclose(weighted[:, 2], 2.0 * plain[:, 2], rtol=1e-12)
 
 
+def test_xla_compiles_the_whole_network_second_order_pass_to_the_same_residuals(float64):
+    """--jit_compile with --meta_scope=all: XLA's residuals equal the plain graph's (the command-line test of XLA
+    runs the output-block scope, whose trace is quicker)."""
+    meta_step = build(make_strategy("default"), scope="all", tau=1.0, sync_bn=False)
+    batch, meta = make_batches()
+
+    def residuals(b, m):
+        return meta_step.residuals(b, m, meta_step.margin_step.margins(b), meta_step.trunk_features(m))[0]
+
+    plain = tf.function(residuals)(batch, meta).numpy()
+    compiled = tf.function(residuals, jit_compile=True)(batch, meta).numpy()
+    assert np.abs(plain).max() > 1e-6  # a real meta-gradient
+    np.testing.assert_allclose(compiled, plain, rtol=1e-7, atol=1e-12)
+
+
 def test_tau_zero_takes_exactly_the_plain_margin_steps():
     strategy = tf.distribute.get_strategy()
     batches = [make_batches(seed) for seed in range(3)]
