@@ -2,9 +2,11 @@
 
     python -m benchmarks.bias [--data=headroom --out_dir=runs/bias_headroom --seeds=0,1,2,3,4]
     python -m benchmarks.bias --quick          # the same study, tiny (a few minutes; the tests run it)
+    python -m benchmarks.bias --tail_fraction=0.0025 --pretrain_epochs=10 --select_only --arms=oracle,resample
+                                               # one point of the headroom search: its val table only
 
 1. Data under <out_dir>/data, by --data: `headroom` (the default: every tail class of pose,
-   occlusion and blur at 1% of the training images, variations that keep the identity
+   occlusion and blur at 1% of the training images (--tail_fraction), variations that keep the identity
    evidence; synthetic.HEADROOM_*) or `demo` (the demo's data, whose tails lose information).
    Long-tailed `train`, balanced `meta`, and two pair splits with identities disjoint from them
    and each other: `val` (every choice is made on it) and `test` (scored once per final run).
@@ -73,9 +75,17 @@ def define_flags() -> None:
                       f"{', '.join(ARMS)}.")
     flags.register_validator("arms", lambda arms: set(arms) <= set(ARMS), f"--arms must be among {', '.join(ARMS)}")
     flags.DEFINE_bool("quick", False, "A tiny study (small data and network, one value per setting) for tests.")
+    flags.DEFINE_float("tail_fraction", synthetic.HEADROOM_TAIL_FRACTION, "Headroom data: the share of the training "
+                       "images in each tail class of pose, occlusion and blur (a knob of the headroom search).",
+                       lower_bound=0.0, upper_bound=1 / 6)
+    flags.DEFINE_integer("pretrain_epochs", PRETRAIN_EPOCHS, "Epochs of the CosFace pre-training (flags/bias_study.cfg: "
+                         "30); its lr steps scale with it (a knob of the headroom search).", lower_bound=1)
+    flags.DEFINE_bool("select_only", False, "Stop after the selection on val (the first --select_seeds seeds): the "
+                      "headroom search's step, which prints the val table and writes <out_dir>/selection.json.")
 
 
 DATA = ("headroom", "demo")
+PRETRAIN_EPOCHS, PRETRAIN_LR_STEPS = 30, (14, 20, 23)  # flags/bias_study.cfg
 ARMS = ("prior", "oracle", "resample", "mvcom_variation", "mvcom_verification")
 
 
@@ -110,7 +120,8 @@ QUICK = Study(train_flags=QUICK_TRAIN_FLAGS, taus=(1000.0,), scopes=("output_blo
 _EVAL_PAIRS = synthetic.SplitConfig(num_identities=1250, pair_anchors=2)  # >= 5,000 pairs in every group
 
 
-def splits(data: str, quick: bool) -> dict[str, synthetic.SplitConfig]:
+def splits(data: str, quick: bool, tail_fraction: float = synthetic.HEADROOM_TAIL_FRACTION
+           ) -> dict[str, synthetic.SplitConfig]:
     """The study's splits of a data variant: demo (the demo's data) or headroom (rare, identity-keeping tails)."""
     if quick:
         tiny = {"train": synthetic.SplitConfig(num_identities=32, max_images=10, min_images=4),
@@ -120,7 +131,15 @@ def splits(data: str, quick: bool) -> dict[str, synthetic.SplitConfig]:
         tiny = {**synthetic.demo_configs(), "val": _EVAL_PAIRS, "test": _EVAL_PAIRS}
     if data == "demo":
         return tiny
-    return {split: synthetic.headroom_config(config, split) for split, config in tiny.items()}
+    return {split: synthetic.headroom_config(config, split, tail_fraction) for split, config in tiny.items()}
+
+
+def pretrain_schedule(epochs: int) -> list[str]:
+    """The pre-training's flags for a length other than flags/bias_study.cfg's: its lr steps at the same fractions."""
+    if epochs == PRETRAIN_EPOCHS:
+        return []
+    steps = sorted({max(1, min(epochs - 1, round(step * epochs / PRETRAIN_EPOCHS))) for step in PRETRAIN_LR_STEPS})
+    return [f"--epochs={epochs}", "--lr_steps=" + ",".join(str(step) for step in steps if step < epochs)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +182,9 @@ class Arm:
 class Runner:
     """Trains run folders, --jobs at a time, skipping finished ones; keeps their wall times in timings.json."""
 
-    def __init__(self, out_dir: str, study: Study, data_splits: dict[str, synthetic.SplitConfig]) -> None:
-        self.out_dir, self.study, self.splits = out_dir, study, data_splits
+    def __init__(self, out_dir: str, study: Study, data_splits: dict[str, synthetic.SplitConfig],
+                 pretrain_flags: tuple[str, ...] = ()) -> None:
+        self.out_dir, self.study, self.splits, self.pretrain_flags = out_dir, study, data_splits, pretrain_flags
         self.timings_path = os.path.join(out_dir, "timings.json")
         self.timings = _read_json(self.timings_path, {})
         # Wall time of earlier (possibly killed) invocations, brought up to date after every run.
@@ -215,7 +235,7 @@ class Runner:
             _write_json(self.timings_path, self.timings)
 
     def pretrain(self, seeds: list[str]) -> None:
-        self.train([(seed, "pretrain", ["--stage=pretrain", "--eval_data="]) for seed in seeds])
+        self.train([(seed, "pretrain", ["--stage=pretrain", "--eval_data=", *self.pretrain_flags]) for seed in seeds])
 
     def fine_tune(self, seeds: list[str], arms: list[Arm]) -> None:
         """Fine-tunes every arm for every seed from that seed's pre-training, scored on val only."""
@@ -256,7 +276,9 @@ def select(runner: Runner, seeds: list[str], wanted: tuple[str, ...] = ARMS) -> 
             results = [runner.val_result(seed, arm) for seed in seeds]
             means.append(float(np.mean([val_score(result) for result in results])))
             table.append({"step": step, "run": arm.name, "val_score": means[-1],
-                          "val_accuracy": float(np.mean([result["accuracy"] for result in results]))})
+                          "val_accuracy": float(np.mean([result["accuracy"] for result in results])),
+                          "worst": {factor: float(np.mean([result["factors"][factor]["worst_accuracy"]
+                                                           for result in results])) for factor in schema.FACTORS}})
         return arms[int(np.argmax(means))]
 
     length = study.length
@@ -355,11 +377,29 @@ def plot(report: dict, path: str) -> None:
     plt.close(figure)
 
 
+def search_knobs() -> dict[str, float]:
+    """The headroom search's knobs that differ from the default headroom data and pre-training (they name the folder)."""
+    knobs = {}
+    if FLAGS.data == "headroom" and FLAGS.tail_fraction != synthetic.HEADROOM_TAIL_FRACTION:
+        knobs["tail"] = FLAGS.tail_fraction
+    if FLAGS.pretrain_epochs != PRETRAIN_EPOCHS:
+        knobs["pretrain"] = FLAGS.pretrain_epochs
+    return knobs
+
+
+def markdown_selection(selection: list[dict]) -> str:
+    """The val table of the selection: per run, its val accuracy, its val score and each factor's worst group."""
+    lines = ["## Selection on val (mean over selection seeds)", "",
+             "| step | run | val accuracy | val score (mean worst group) | " + " | ".join(
+                 f"{factor} worst" for factor in schema.FACTORS) + " |", "|---|---|---|---|" + "---|" * len(schema.FACTORS)]
+    lines += [f"| {r['step']} | {r['run']} | {r['val_accuracy']:.4f} | {r['val_score']:.4f} | " + " | ".join(
+        _format(r.get("worst", {}).get(factor), 4) for factor in schema.FACTORS) + " |" for r in selection]
+    return "\n".join(lines)
+
+
 def markdown(study_json: dict, selection: list[dict]) -> str:
     """The report: the val table of the selection, the test differences, the mechanism figures."""
-    lines = ["## Selection on val (mean over selection seeds)", "",
-             "| step | run | val accuracy | val score (mean worst group) |", "|---|---|---|---|"]
-    lines += [f"| {r['step']} | {r['run']} | {r['val_accuracy']:.4f} | {r['val_score']:.4f} |" for r in selection]
+    lines = [markdown_selection(selection)]
     lines += ["", f"Kept: {', '.join(f'{arm}: {name}' for arm, name in study_json['runs'].items())}", "",
               f"## Test: paired difference against cosface over {len(study_json['seeds'])} seeds, mean [95% CI]", ""]
     header = ["arm", "accuracy"] + [f"{factor} worst / SER / std" for factor in schema.FACTORS]
@@ -423,14 +463,25 @@ def main(argv) -> None:
     del argv
     study = QUICK if FLAGS.quick else FULL
     seeds = list(FLAGS.seeds) if not FLAGS.quick or FLAGS["seeds"].present else ["0", "1"]
-    if len(seeds) < 2:
+    if len(seeds) < 2 and not FLAGS.select_only:
         raise app.UsageError("--seeds: paired intervals need at least 2 seeds")
-    out_dir = FLAGS.out_dir or f"runs/bias_{FLAGS.data}" + ("_quick" if FLAGS.quick else "")
+    knobs = search_knobs()
+    out_dir = FLAGS.out_dir or (f"runs/bias_{FLAGS.data}" + "".join(f"_{key}{value:g}" for key, value in knobs.items())
+                                + ("_quick" if FLAGS.quick else ""))
     os.makedirs(out_dir, exist_ok=True)
-    runner = Runner(out_dir, study, splits(FLAGS.data, FLAGS.quick))
+    runner = Runner(out_dir, study, splits(FLAGS.data, FLAGS.quick, FLAGS.tail_fraction),
+                    tuple(pretrain_schedule(FLAGS.pretrain_epochs)))
     runner.make_data()
     runner.pretrain(seeds[:FLAGS.select_seeds])  # the headroom's answer first, before the other seeds train
     arms, selection = select(runner, seeds[:FLAGS.select_seeds], tuple(FLAGS.arms))
+    if FLAGS.select_only:
+        summary = {"data": FLAGS.data, "knobs": knobs, "seeds": [int(seed) for seed in seeds[:FLAGS.select_seeds]],
+                   "made_by": {split: dataclasses.asdict(config) for split, config in runner.splits.items()},
+                   "selection": selection, "command": " ".join(["python -m benchmarks.bias", *sys.argv[1:]])}
+        _write_json(os.path.join(out_dir, "selection.json"), summary)
+        print(markdown_selection(selection))
+        print(json.dumps(summary))
+        return
     runner.pretrain(seeds)
     runner.fine_tune(seeds, list(arms.values()))
     results = {arm: [runner.test_result(seed, settings) for seed in seeds] for arm, settings in arms.items()}
@@ -443,6 +494,7 @@ def main(argv) -> None:
     baseline = results["cosface"]
     study_json = {
         "data": FLAGS.data,
+        "knobs": knobs,
         "made_by": {split: dataclasses.asdict(config) for split, config in runner.splits.items()},
         "seeds": [int(seed) for seed in seeds],
         "min_pairs_per_group": min(min_pairs_per_group(runner.data(split)) for split in ("val", "test")),
@@ -456,6 +508,9 @@ def main(argv) -> None:
         "meta_signal": probes,
         "selection": selection,
         "command": f"python -m benchmarks.bias --data={FLAGS.data}" + (" --quick" if FLAGS.quick else "")
+                   + "".join(f" --{flag}={value:g}" for flag, value in (("tail_fraction", knobs.get("tail")),
+                                                                         ("pretrain_epochs", knobs.get("pretrain")))
+                             if value is not None)
                    + ("" if set(FLAGS.arms) == set(ARMS) else f" --arms={','.join(FLAGS.arms)}"),
         "date": datetime.date.today().isoformat(),
     }
@@ -466,7 +521,8 @@ def main(argv) -> None:
     plot(study_json["arms"], os.path.join(out_dir, "bias_differences.png"))
     if not FLAGS.quick:
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        stem = "bias" if FLAGS.data == "headroom" else f"bias_{FLAGS.data}"
+        stem = ("bias" if FLAGS.data == "headroom" else f"bias_{FLAGS.data}") + "".join(
+            f"_{key}{value:g}" for key, value in knobs.items())
         for name, committed in (("bias.json", f"{stem}.json"), ("bias_differences.png", f"{stem}.png"),
                                 ("report.md", f"{stem}_report.md")):
             shutil.copy(os.path.join(out_dir, name), os.path.join(RESULTS_DIR, committed))

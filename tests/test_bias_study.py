@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.helpers import run_module
@@ -89,6 +90,29 @@ def test_residual_summaries_match_numpy():
     assert np.isnan(correlation(3, 1.0, 1.0, 3, 1.0))  # a constant indicator has no correlation
 
 
+def test_headroom_search_knobs_set_each_tail_share_and_scale_the_pretraining_schedule(tmp_path):
+    from benchmarks.bias import pretrain_schedule
+
+    # The default is the data of the finished study (benchmarks/results/bias.json made_by).
+    assert synthetic.headroom_train_probs() == {"pose_probs": (0.01, 0.01, 0.01, 0.94, 0.01, 0.01, 0.01),
+                                                "occlusion_probs": (0.96, 0.01, 0.01, 0.01, 0.01),
+                                                "blur_probs": (0.97, 0.01, 0.01, 0.01)}
+    config = synthetic.headroom_config(synthetic.SplitConfig(num_identities=40, min_images=20, max_images=60), "train",
+                                       tail_fraction=0.05)
+    assert config.pose_probs == (0.05, 0.05, 0.05, 0.7, 0.05, 0.05, 0.05) and config.blur_probs[0] == 0.85
+    assert synthetic.headroom_config(config, "val", tail_fraction=0.05).pose_probs == config.pose_probs
+    synthetic.write_split(str(tmp_path / "train"), "train", config, num_shards=1)
+    records = list(iterate_records(str(tmp_path / "train")))
+    shares = collections.Counter(r.occlusion for r in records)
+    for cls in range(1, 5):  # binomial: 3.5 standard deviations either side
+        assert abs(shares[cls] / len(records) - 0.05) < 3.5 * np.sqrt(0.05 * 0.95 / len(records)), (cls, shares)
+    with pytest.raises(ValueError, match="tail_fraction 0.2 leaves no head class among 7 classes"):
+        synthetic.headroom_train_probs(0.2)
+    assert pretrain_schedule(30) == []  # flags/bias_study.cfg's own schedule
+    assert pretrain_schedule(10) == ["--epochs=10", "--lr_steps=5,7,8"]  # 14, 20, 23 of 30
+    assert pretrain_schedule(3) == ["--epochs=3", "--lr_steps=1,2"]
+
+
 def test_paired_interval_by_hand():
     # mean 0.03, sd 0.0158114 (n - 1), se 0.00707107, t(0.975, 4) = 2.776: half-width 0.0196293.
     mean, low, high = paired_interval([0.01, 0.02, 0.03, 0.04, 0.05])
@@ -98,9 +122,9 @@ def test_paired_interval_by_hand():
 
 def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     out_dir = tmp_path / "bias"
-    # Two arms beside cosface, for time: the margin reference and our objective (the others' flags have their own
-    # tests; a study runs all five unless --arms says otherwise).
-    arms = ("oracle", "mvcom_verification")
+    # One arm beside cosface, for time: our objective, whose runs feed the mechanism and probe figures (the other
+    # arms differ by their flags: test_study_arms_pass_their_settings_to_the_stage_builder).
+    arms = ("mvcom_verification",)
     first = run_module(["-m", "benchmarks.bias", "--quick", f"--out_dir={out_dir}", f"--arms={','.join(arms)}"],
                        timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -108,21 +132,19 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     assert report["seeds"] == [0, 1] and report["minutes"] > 0 and report["data"] == "headroom"
     assert report["made_by"]["train"]["occluder_opacity"] == synthetic.HEADROOM_STYLE["occluder_opacity"]
     assert set(report["arms"]) == set(arms) and set(report["runs"]) == {"cosface", *arms}
-    for arm in arms:
-        entry = report["arms"][arm]
-        assert set(entry) == {"accuracy_diff", "accuracy_ci", *schema.FACTORS}
-        for factor in schema.FACTORS:
-            assert set(entry[factor]) == {f"{m}_{k}" for m in ("worst", "ser", "std") for k in ("diff", "ci")}
-    # The oracle's interval recomputed from the test scores on disk: two seeds, t(0.975, 1) = 12.706.
+    entry = report["arms"]["mvcom_verification"]
+    assert set(entry) == {"accuracy_diff", "accuracy_ci", *schema.FACTORS}
+    for factor in schema.FACTORS:
+        assert set(entry[factor]) == {f"{m}_{k}" for m in ("worst", "ser", "std") for k in ("diff", "ci")}
+    # The interval recomputed from the test scores on disk: two seeds, t(0.975, 1) = 12.706.
     runs = report["runs"]
     scores = {arm: [json.load(open(out_dir / f"seed{s}" / runs[arm] / "test" / "results.json"))["synthetic:test"]
-                    for s in (0, 1)] for arm in ("cosface", "oracle")}
+                    for s in (0, 1)] for arm in ("cosface", "mvcom_verification")}
     diffs = np.array([o["factors"]["occlusion"]["worst_accuracy"] - c["factors"]["occlusion"]["worst_accuracy"]
-                      for o, c in zip(scores["oracle"], scores["cosface"])])
+                      for o, c in zip(scores["mvcom_verification"], scores["cosface"])])
     half = 12.706 * diffs.std(ddof=1) / np.sqrt(2)
-    np.testing.assert_allclose(report["arms"]["oracle"]["occlusion"]["worst_diff"], diffs.mean(), atol=1e-5)
-    np.testing.assert_allclose(report["arms"]["oracle"]["occlusion"]["worst_ci"],
-                               [diffs.mean() - half, diffs.mean() + half], atol=1e-5)
+    np.testing.assert_allclose(entry["occlusion"]["worst_diff"], diffs.mean(), atol=1e-5)
+    np.testing.assert_allclose(entry["occlusion"]["worst_ci"], [diffs.mean() - half, diffs.mean() + half], atol=1e-5)
     pairs = read_pairs(str(out_dir / "data" / "test" / "pairs.csv"))
     assert report["min_pairs_per_group"] == min(int(np.sum(pairs[f] == c)) for f in schema.FACTORS
                                                 for c in range(schema.NUM_CLASSES[f]))
@@ -131,12 +153,11 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     assert set(report["meta_signal"]["mvcom_verification"]) == {*schema.FACTORS, "any"}
     assert {"corr", "corr_ci", "tail_mean", "head_mean"} <= set(report["meta_signal"]["mvcom_verification"]["any"])
     assert "--meta_objective=verification" in open(out_dir / "seed0" / runs["mvcom_verification"] / "flags.txt").read()
-    assert "--oracle_margin_deltas=0.1,0.1,0.1,0.1" in open(out_dir / "seed0" / runs["oracle"] / "flags.txt").read()
-    assert report["command"].endswith("--quick --arms=oracle,mvcom_verification")
+    assert report["command"].endswith("--quick --arms=mvcom_verification")
     assert (out_dir / "bias_differences.png").stat().st_size > 10_000
     # A killed study resumes: only the run without metrics.json trains again.
-    kept = out_dir / "seed1" / runs["oracle"] / "metrics.json"
-    removed = out_dir / "seed1" / runs["mvcom_verification"] / "metrics.json"
+    kept = out_dir / "seed1" / runs["mvcom_verification"] / "metrics.json"
+    removed = out_dir / "seed1" / runs["cosface"] / "metrics.json"  # the quicker run to train again
     kept_time = os.path.getmtime(kept)
     os.remove(removed)
     second = run_module(["-m", "benchmarks.bias", "--quick", f"--out_dir={out_dir}", f"--arms={','.join(arms)}"],
@@ -144,15 +165,40 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "1 runs trained in this invocation" in second.stdout
     assert removed.exists() and os.path.getmtime(kept) == kept_time
-    assert json.loads(second.stdout.strip().splitlines()[-1])["arms"]["oracle"] == report["arms"]["oracle"]
+    assert json.loads(second.stdout.strip().splitlines()[-1])["arms"] == report["arms"]
+
+
+def test_study_arms_pass_their_settings_to_the_stage_builder():
+    from benchmarks.bias import Arm
+    from mvcom_tf.config_flags import parse_config
+    from mvcom_tf.stages.build import control_config, oracle_offsets
+
+    histograms = {"pose": [1, 2, 3, 50, 3, 2, 1], "occlusion": [40, 1, 1, 1, 1], "blur": [30, 5, 2, 1],
+                  "ethnicity": [5, 5, 30, 5]}
+    oracle = parse_config(["--train_data=x", *Arm("oracle", 7, delta=0.2).flags()])
+    assert oracle.meta.oracle_margin_deltas == (0.2,) * 4 and oracle.head.margin_prior == "constant"
+    assert oracle.meta.tau == 0.0 and oracle.schedule("meta").epochs == 7
+    offsets = oracle_offsets(oracle.meta, histograms)
+    np.testing.assert_allclose(offsets["occlusion"].numpy(), [0.0, 0.2, 0.2, 0.2, 0.2])
+    assert oracle_offsets(control_config(oracle).meta, histograms) == {}  # the CosFace control: none
+    resample = parse_config(["--train_data=x", *Arm("resample", 7).flags()])
+    assert resample.data.train_sampling == "balanced" and resample.meta.oracle_margin_deltas == (0.0,) * 4
+    prior = parse_config(["--train_data=x", *Arm("prior", 7).flags()])
+    assert prior.head.margin_prior == "volume" and prior.meta.tau == 0.0
+    mvcom = parse_config(["--train_data=x", *Arm("mvcom_variation", 7, tau=1e4, scope="output_block").flags()])
+    assert (mvcom.meta.objective, mvcom.meta.tau, mvcom.meta.scope, mvcom.meta.sampling) == (
+        "variation", 1e4, "output_block", "hard")
+    assert Arm("oracle", 7, delta=0.2).name == "oracle-delta0.2-e7"
+    assert Arm("mvcom_variation", 7, tau=1e4).name == "mvcom_variation-tau10000-output_block-e7"
 
 
 def test_quick_meta_signal_probe_reports_tail_correlations(tmp_path):
+    # One objective, for time: the quick study's test probes the other (through the same probe()).
     result = run_module(["-m", "benchmarks.meta_signal", "--quick", f"--out_dir={tmp_path}", "--batches=6",
-                         "--variation_warmup_steps=4"], timeout=900)
+                         "--variation_warmup_steps=4", "--objectives=variation"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(report["objectives"]) == {"variation", "verification"} and report["batches"] == 6
+    assert set(report["objectives"]) == {"variation"} and report["batches"] == 6
     for figures in report["objectives"].values():
         assert set(figures) == {*schema.FACTORS, "any"}
         for entry in figures.values():
