@@ -377,6 +377,9 @@ def plot(report: dict, path: str) -> None:
     plt.close(figure)
 
 
+KNOB_FLAGS = {"tail": "tail_fraction", "pretrain": "pretrain_epochs"}  # a knob's short name (in folder names): flag
+
+
 def search_knobs() -> dict[str, float]:
     """The headroom search's knobs that differ from the default headroom data and pre-training (they name the folder)."""
     knobs = {}
@@ -387,13 +390,18 @@ def search_knobs() -> dict[str, float]:
     return knobs
 
 
+def knob_suffix(knobs: dict[str, float]) -> str:
+    """What the knobs add to the run folder's and the results' names: `_tail0.0025_pretrain10`."""
+    return "".join(f"_{key}{value:g}" for key, value in knobs.items())
+
+
 def markdown_selection(selection: list[dict]) -> str:
     """The val table of the selection: per run, its val accuracy, its val score and each factor's worst group."""
     lines = ["## Selection on val (mean over selection seeds)", "",
              "| step | run | val accuracy | val score (mean worst group) | " + " | ".join(
                  f"{factor} worst" for factor in schema.FACTORS) + " |", "|---|---|---|---|" + "---|" * len(schema.FACTORS)]
     lines += [f"| {r['step']} | {r['run']} | {r['val_accuracy']:.4f} | {r['val_score']:.4f} | " + " | ".join(
-        _format(r.get("worst", {}).get(factor), 4) for factor in schema.FACTORS) + " |" for r in selection]
+        f"{r['worst'][factor]:.4f}" for factor in schema.FACTORS) + " |" for r in selection]
     return "\n".join(lines)
 
 
@@ -466,8 +474,7 @@ def main(argv) -> None:
     if len(seeds) < 2 and not FLAGS.select_only:
         raise app.UsageError("--seeds: paired intervals need at least 2 seeds")
     knobs = search_knobs()
-    out_dir = FLAGS.out_dir or (f"runs/bias_{FLAGS.data}" + "".join(f"_{key}{value:g}" for key, value in knobs.items())
-                                + ("_quick" if FLAGS.quick else ""))
+    out_dir = FLAGS.out_dir or f"runs/bias_{FLAGS.data}{knob_suffix(knobs)}" + ("_quick" if FLAGS.quick else "")
     os.makedirs(out_dir, exist_ok=True)
     runner = Runner(out_dir, study, splits(FLAGS.data, FLAGS.quick, FLAGS.tail_fraction),
                     tuple(pretrain_schedule(FLAGS.pretrain_epochs)))
@@ -508,9 +515,7 @@ def main(argv) -> None:
         "meta_signal": probes,
         "selection": selection,
         "command": f"python -m benchmarks.bias --data={FLAGS.data}" + (" --quick" if FLAGS.quick else "")
-                   + "".join(f" --{flag}={value:g}" for flag, value in (("tail_fraction", knobs.get("tail")),
-                                                                         ("pretrain_epochs", knobs.get("pretrain")))
-                             if value is not None)
+                   + "".join(f" --{KNOB_FLAGS[key]}={value:g}" for key, value in knobs.items())
                    + ("" if set(FLAGS.arms) == set(ARMS) else f" --arms={','.join(FLAGS.arms)}"),
         "date": datetime.date.today().isoformat(),
     }
@@ -521,8 +526,7 @@ def main(argv) -> None:
     plot(study_json["arms"], os.path.join(out_dir, "bias_differences.png"))
     if not FLAGS.quick:
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        stem = ("bias" if FLAGS.data == "headroom" else f"bias_{FLAGS.data}") + "".join(
-            f"_{key}{value:g}" for key, value in knobs.items())
+        stem = ("bias" if FLAGS.data == "headroom" else f"bias_{FLAGS.data}") + knob_suffix(knobs)
         for name, committed in (("bias.json", f"{stem}.json"), ("bias_differences.png", f"{stem}.png"),
                                 ("report.md", f"{stem}_report.md")):
             shutil.copy(os.path.join(out_dir, name), os.path.join(RESULTS_DIR, committed))
