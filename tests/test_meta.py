@@ -190,6 +190,43 @@ def test_xla_compiles_the_whole_network_second_order_pass_to_the_same_residuals(
     np.testing.assert_allclose(compiled, plain, rtol=1e-7, atol=1e-12)
 
 
+def test_every_write_to_a_variable_in_the_meta_step_is_ordered_against_its_other_uses():
+    """The step's graph leaves no two uses of one variable, one of them a write, to the scheduler: what makes
+    --deterministic's results under load a question of kernels, not of which update lands first
+    (docs/training.md)."""
+    meta_step = build(tf.distribute.get_strategy(), scope="all", objective="verification")
+    graph = tf.function(meta_step, autograph=False).get_concrete_function(*make_batches()).graph
+    reads = {"ReadVariableOp", "ResourceGather", "VariableShape", "VarIsInitializedOp"}
+    uses: dict[str, list] = {}
+    for op in graph.get_operations():
+        for tensor in op.inputs:
+            if tensor.dtype == tf.resource:
+                while tensor.op.type == "Identity":
+                    tensor = tensor.op.inputs[0]
+                uses.setdefault(tensor.name, []).append(op)
+    ancestors: dict = {}
+
+    def before(op):
+        """Every op that runs before `op` (through data or control edges)."""
+        if op not in ancestors:
+            found, stack = set(), [op]
+            while stack:
+                current = stack.pop()
+                for parent in [tensor.op for tensor in current.inputs] + list(current.control_inputs):
+                    if parent not in found:
+                        found.add(parent)
+                        stack.append(parent)
+            ancestors[op] = found
+        return ancestors[op]
+
+    writes = sum(op.type not in reads for ops in uses.values() for op in ops)
+    unordered = [(variable, a.name, b.name) for variable, ops in uses.items()
+                 for i, a in enumerate(ops) for b in ops[i + 1:]
+                 if not (a.type in reads and b.type in reads) and a not in before(b) and b not in before(a)]
+    assert len(uses) > 20 and writes > 20  # the backbone, head, optimizers and variation heads are all there
+    assert not unordered, unordered[:5]
+
+
 def test_tau_zero_takes_exactly_the_plain_margin_steps():
     strategy = tf.distribute.get_strategy()
     batches = [make_batches(seed) for seed in range(3)]
