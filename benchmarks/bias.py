@@ -4,6 +4,7 @@
     python -m benchmarks.bias --quick          # the same study, tiny (a few minutes; the tests run it)
     python -m benchmarks.bias --tail_fraction=0.0025 --pretrain_epochs=10 --select_only --arms=oracle,resample
                                                # one point of the headroom search: its val table only
+                                               # (--oracle_deltas=0.5,1 tries other margins there)
 
 1. Data under <out_dir>/data, by --data: `headroom` (the default: every tail class of pose,
    occlusion and blur at 1% of the training images (--tail_fraction), variations that keep the identity
@@ -80,6 +81,9 @@ def define_flags() -> None:
                        lower_bound=0.0, upper_bound=1 / 6)
     flags.DEFINE_integer("pretrain_epochs", PRETRAIN_EPOCHS, "Epochs of the CosFace pre-training (flags/bias_study.cfg: "
                          "30); its lr steps scale with it (a knob of the headroom search).", lower_bound=1)
+    flags.DEFINE_list("oracle_deltas", [f"{delta:g}" for delta in FULL.oracle_deltas], "The oracle's margin deltas "
+                      "tried on val (the headroom step of the selection; --quick tries 0.1).")
+    flags.register_validator("oracle_deltas", _positive_numbers, "--oracle_deltas must be numbers above 0")
     flags.DEFINE_bool("select_only", False, "Stop after the selection on val (the first --select_seeds seeds): the "
                       "headroom search's step, which prints the val table and writes <out_dir>/selection.json.")
 
@@ -470,6 +474,8 @@ def meta_signal(runner: Runner, seed: str, arm: Arm, batches: int, warmup_steps:
 def main(argv) -> None:
     del argv
     study = QUICK if FLAGS.quick else FULL
+    if FLAGS["oracle_deltas"].present:
+        study = dataclasses.replace(study, oracle_deltas=tuple(float(delta) for delta in FLAGS.oracle_deltas))
     seeds = list(FLAGS.seeds) if not FLAGS.quick or FLAGS["seeds"].present else ["0", "1"]
     if len(seeds) < 2 and not FLAGS.select_only:
         raise app.UsageError("--seeds: paired intervals need at least 2 seeds")
@@ -516,7 +522,8 @@ def main(argv) -> None:
         "selection": selection,
         "command": f"python -m benchmarks.bias --data={FLAGS.data}" + (" --quick" if FLAGS.quick else "")
                    + "".join(f" --{KNOB_FLAGS[key]}={value:g}" for key, value in knobs.items())
-                   + ("" if set(FLAGS.arms) == set(ARMS) else f" --arms={','.join(FLAGS.arms)}"),
+                   + ("" if set(FLAGS.arms) == set(ARMS) else f" --arms={','.join(FLAGS.arms)}")
+                   + (f" --oracle_deltas={','.join(FLAGS.oracle_deltas)}" if FLAGS["oracle_deltas"].present else ""),
         "date": datetime.date.today().isoformat(),
     }
     report = markdown(study_json, selection)
@@ -534,6 +541,13 @@ def main(argv) -> None:
     print(f"\n{runner.trained} runs trained in this invocation; {study_json['minutes']} min in all "
           f"(timings: {runner.timings_path})")
     print(json.dumps(study_json))
+
+
+def _positive_numbers(values: list[str]) -> bool:
+    try:
+        return all(float(value) > 0 for value in values)
+    except ValueError:
+        return False
 
 
 def _number(value: float) -> float | None:

@@ -15,6 +15,12 @@ batches, and the correlation of u with tail membership within a batch, averaged 
 with its 95% t interval. Seed Sec. E claims learned margins are larger for tail classes: that is
 a positive correlation here.
 
+Beside it, the room any margin has: with CosFace on fixed features a sample's margin changes only its
+target logit, so its whole gradient is (1 - p_y) times a direction the margin does not change
+(dL/dcos_y = -s (1 - p_y), dL/dcos_j = s p_j, and p_j / (1 - p_y) does not depend on the margin): a
+per-sample margin is a per-sample weight in [0, 1]. The mean of 1 - p_y at the prior margin over tail and
+head samples (tail_weight, head_weight) says how far a margin can raise a sample's share: to 1 at most.
+
 Last line printed: one JSON object {"objectives": {objective: {factor or "any": {"corr",
 "corr_ci", "tail_mean", "head_mean", ...}}}, ...}; a full run also writes it to
 benchmarks/results/meta_signal.json.
@@ -84,26 +90,32 @@ def probe(pretrained: str, objective: str, batches: int, warmup_steps: int, over
 
     @tf.function
     def first_update(batch, meta_pool):
-        prior = meta_step.margin_step.margins(batch)
+        step = meta_step.margin_step
+        prior = step.margins(batch)
         meta_batch = meta_step.select(batch, meta_pool)
-        residuals, _ = meta_step.residuals(batch, meta_batch, prior, meta_step.trunk_features(meta_batch))
-        return residuals
+        residuals, recorded = meta_step.residuals(batch, meta_batch, prior, meta_step.trunk_features(meta_batch))
+        _, per_sample, _ = step.batch_loss(recorded.embeddings, batch["identity"], prior)
+        return residuals, 1.0 - tf.exp(-per_sample)  # 1 - p_y at the prior margin
 
     for _ in range(warmup_steps):
         heads_step(next(train), next(pool))
-    updates, labels, batch_index = [], [], []
+    updates, weights, labels, batch_index = [], [], [], []
     for index in range(batches):
         batch = next(train)
-        updates.append(first_update(batch, next(pool)).numpy())
+        update, weight = first_update(batch, next(pool))
+        updates.append(update.numpy())
+        weights.append(weight.numpy())
         labels.append(np.stack([batch[factor].numpy() for factor in schema.FACTORS], axis=1))
         batch_index.append(np.full(len(updates[-1]), index))
-    return {"updates": np.concatenate(updates), "labels": np.concatenate(labels),
+    return {"updates": np.concatenate(updates), "weights": np.concatenate(weights), "labels": np.concatenate(labels),
             "batch": np.concatenate(batch_index), "head_classes": meta_step.head_classes}
 
 
-def tail_statistics(updates: np.ndarray, tail: np.ndarray, known: np.ndarray, batch: np.ndarray) -> dict:
+def tail_statistics(updates: np.ndarray, tail: np.ndarray, known: np.ndarray, batch: np.ndarray,
+                    weights: np.ndarray | None = None) -> dict:
     """Mean update of tail and head samples (SE over batches) and their within-batch correlation with tail
-    membership, averaged over the batches where both kinds occur, with its 95% t interval."""
+    membership, averaged over the batches where both kinds occur, with its 95% t interval; with `weights`
+    (1 - p_y), their mean over tail and over head samples."""
     from mvcom_tf.evaluation.metrics import paired_interval
 
     correlations, tail_means, head_means = [], [], []
@@ -125,9 +137,13 @@ def tail_statistics(updates: np.ndarray, tail: np.ndarray, known: np.ndarray, ba
 
     tail_mean, tail_se = mean_se(tail_means)
     head_mean, head_se = mean_se(head_means)
-    return {"corr": _number(corr), "corr_ci": [_number(low), _number(high)], "tail_mean": tail_mean,
-            "tail_se": tail_se, "head_mean": head_mean, "head_se": head_se, "batches": len(correlations),
-            "tail_samples": int((tail & known).sum()), "head_samples": int((~tail & known).sum())}
+    figures = {"corr": _number(corr), "corr_ci": [_number(low), _number(high)], "tail_mean": tail_mean,
+               "tail_se": tail_se, "head_mean": head_mean, "head_se": head_se, "batches": len(correlations),
+               "tail_samples": int((tail & known).sum()), "head_samples": int((~tail & known).sum())}
+    if weights is not None:
+        figures["tail_weight"] = _number(weights[tail & known].mean() if (tail & known).any() else float("nan"))
+        figures["head_weight"] = _number(weights[~tail & known].mean() if (~tail & known).any() else float("nan"))
+    return figures
 
 
 def summarise(probed: dict) -> dict:
@@ -137,23 +153,26 @@ def summarise(probed: dict) -> dict:
     updates, labels, batch = probed["updates"], probed["labels"], probed["batch"]
     known = labels >= 0
     tail = known & (labels != np.array([probed["head_classes"][factor] for factor in schema.FACTORS]))
-    figures = {factor: tail_statistics(updates[:, k], tail[:, k], known[:, k], batch)
+    weights = probed.get("weights")
+    figures = {factor: tail_statistics(updates[:, k], tail[:, k], known[:, k], batch, weights)
                for k, factor in enumerate(schema.FACTORS)}
-    figures["any"] = tail_statistics(updates.sum(axis=1), tail.any(axis=1), np.ones(len(batch), bool), batch)
+    figures["any"] = tail_statistics(updates.sum(axis=1), tail.any(axis=1), np.ones(len(batch), bool), batch,
+                                     weights)
     return figures
 
 
 def table(result: dict) -> str:
     """The figures as a readable table, one row per objective and factor."""
     lines = [f"{'objective':<13} {'factor':<10} {'corr':>8} {'95% CI':>20} {'tail mean (SE)':>24} "
-             f"{'head mean (SE)':>24} {'batches':>8}"]
+             f"{'head mean (SE)':>24} {'batches':>8} {'1-p_y tail':>11} {'1-p_y head':>11}"]
     for objective, factors in result["objectives"].items():
         for factor, f in factors.items():
             interval = "[" + ", ".join(_format(v, "+.3f") for v in f["corr_ci"]) + "]"
             lines.append(f"{objective:<13} {factor:<10} {_format(f['corr'], '+.3f'):>8} {interval:>20} "
                          f"{_format(f['tail_mean'], '+.3e') + ' (' + _format(f['tail_se'], '.1e') + ')':>24} "
                          f"{_format(f['head_mean'], '+.3e') + ' (' + _format(f['head_se'], '.1e') + ')':>24} "
-                         f"{f['batches']:>8}")
+                         f"{f['batches']:>8} {_format(f.get('tail_weight'), '.3f'):>11} "
+                         f"{_format(f.get('head_weight'), '.3f'):>11}")
     return "\n".join(lines)
 
 

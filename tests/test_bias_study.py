@@ -190,6 +190,8 @@ def test_study_arms_pass_their_settings_to_the_stage_builder():
         "variation", 1e4, "output_block", "hard")
     assert Arm("oracle", 7, delta=0.2).name == "oracle-delta0.2-e7"
     assert Arm("mvcom_variation", 7, tau=1e4).name == "mvcom_variation-tau10000-output_block-e7"
+    refused = run_module(["-m", "benchmarks.bias", "--oracle_deltas=0.5,0"])
+    assert refused.returncode == 1 and "--oracle_deltas must be numbers above 0" in refused.stderr
 
 
 def test_quick_meta_signal_probe_reports_tail_correlations(tmp_path):
@@ -202,7 +204,8 @@ def test_quick_meta_signal_probe_reports_tail_correlations(tmp_path):
     for figures in report["objectives"].values():
         assert set(figures) == {*schema.FACTORS, "any"}
         for entry in figures.values():
-            assert {"corr", "corr_ci", "tail_mean", "head_mean", "tail_se", "head_se"} <= set(entry)
+            assert {"corr", "corr_ci", "tail_mean", "head_mean", "tail_se", "head_se", "head_weight"} <= set(entry)
+            assert all(0 < entry[key] < 1 for key in ("tail_weight", "head_weight") if entry.get(key) is not None)
             if entry["corr"] is not None and entry["batches"] > 1:
                 low, high = entry["corr_ci"]
                 assert -1 <= low <= entry["corr"] <= high <= 1
@@ -224,3 +227,8 @@ def test_probe_statistics_match_numpy():
     np.testing.assert_allclose(figures["tail_mean"], np.mean(tail_means), rtol=1e-5)
     np.testing.assert_allclose(figures["tail_se"], np.std(tail_means, ddof=1) / np.sqrt(6), rtol=1e-5)
     assert figures["batches"] == 6 and figures["tail_samples"] == int(tail.sum())
+    weights = rng.uniform(0, 1, 120)
+    known = rng.random(120) < 0.9
+    figures = tail_statistics(updates, tail, known, batch, weights)
+    np.testing.assert_allclose([figures["tail_weight"], figures["head_weight"]],
+                               [weights[tail & known].mean(), weights[~tail & known].mean()], rtol=1e-5)

@@ -83,3 +83,25 @@ def test_heads_round_trip_their_config():
     heads = VariationHeads()
     outputs = heads(tf.zeros([2, 8]))
     assert {k: v.shape[-1] for k, v in outputs.items()} == {"pose": 7, "occlusion": 5, "blur": 4, "ethnicity": 4}
+
+
+def test_a_cosface_margin_only_rescales_a_samples_gradient_by_one_minus_p_y():
+    # benchmarks/meta_signal.py's tail_weight rests on this: on fixed features a per-sample CosFace margin
+    # multiplies the sample's whole gradient (embedding and centres) by (1 - p_y), so it is a weight in [0, 1].
+    rng = np.random.default_rng(3)
+    head = MarginHead(5, loss="cosface", scale=16.0, dtype="float64")
+    head.build((None, 8))
+    labels = tf.constant(rng.integers(0, 5, 6))
+    # Near their centres, so that p_y is far from 0 and the margins below change it.
+    embeddings = tf.constant(head.kernel.numpy().T[labels.numpy()] + rng.normal(0, 0.01, (6, 8)), tf.float64)
+    gradients, weights = [], []
+    for margin in (0.0, 0.35, 1.0):
+        with tf.GradientTape() as tape:
+            tape.watch(embeddings)
+            per_sample = identity_loss(head(embeddings, labels, tf.fill([6], tf.constant(margin, tf.float64))), labels)
+        jacobian = tape.jacobian(per_sample, embeddings)  # [sample, sample, feature]: each row its own sample
+        gradients.append(np.einsum("iif->if", jacobian.numpy()))
+        weights.append(1.0 - np.exp(-per_sample.numpy()))
+    for gradient, weight in zip(gradients[1:], weights[1:]):
+        np.testing.assert_allclose(gradient, gradients[0] * (weight / weights[0])[:, None], rtol=1e-9, atol=1e-12)
+    assert np.all(weights[0] < 0.5) and np.all(weights[0] < weights[1]) and np.all(weights[1] < weights[2])
