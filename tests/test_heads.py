@@ -91,6 +91,7 @@ def test_a_cosface_margin_only_rescales_a_samples_gradient_by_one_minus_p_y():
     rng = np.random.default_rng(3)
     head = MarginHead(5, loss="cosface", scale=16.0, dtype="float64")
     head.build((None, 8))
+    head.kernel.assign(rng.normal(size=(8, 5)))
     labels = tf.constant(rng.integers(0, 5, 6))
     # Near their centres, so that p_y is far from 0 and the margins below change it.
     embeddings = tf.constant(head.kernel.numpy().T[labels.numpy()] + rng.normal(0, 0.01, (6, 8)), tf.float64)
