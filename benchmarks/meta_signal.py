@@ -141,8 +141,8 @@ def tail_statistics(updates: np.ndarray, tail: np.ndarray, known: np.ndarray, ba
                "tail_se": tail_se, "head_mean": head_mean, "head_se": head_se, "batches": len(correlations),
                "tail_samples": int((tail & known).sum()), "head_samples": int((~tail & known).sum())}
     if weights is not None:
-        figures["tail_weight"] = _number(weights[tail & known].mean() if (tail & known).any() else float("nan"))
-        figures["head_weight"] = _number(weights[~tail & known].mean() if (~tail & known).any() else float("nan"))
+        for key, rows in (("tail_weight", tail & known), ("head_weight", ~tail & known)):
+            figures[key] = _number(weights[rows].mean() if rows.any() else float("nan"))
     return figures
 
 

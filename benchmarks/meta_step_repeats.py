@@ -45,15 +45,15 @@ def repeat_step(run: str, repeats: int, inter_op_threads: int) -> dict:
     from mvcom_tf.config_flags import config_of_run
     from mvcom_tf.data.pipeline import DecodeFailures
     from mvcom_tf.stages.build import build_stage
-    from mvcom_tf.training.checkpoints import stage_folder
+    from mvcom_tf.training.checkpoints import StageCheckpoints, stage_folder
     from mvcom_tf.training.distribute import InputOptions, distributed_batches
 
     config = config_of_run(run, "--stage=meta", "--eval_data=", "--strategy=default", "--cpu_replicas=0")
     keras.utils.set_random_seed(config.runtime.seed)
     strategy = tf.distribute.get_strategy()
     stage = build_stage(config, "meta", strategy)
-    checkpoint = tf.train.Checkpoint(**stage.trackables())
-    checkpoint.restore(tf.train.latest_checkpoint(stage_folder(run, "meta"))).expect_partial()
+    folder = stage_folder(run, "meta")
+    StageCheckpoints(stage, folder, keep=1).restore(folder, init_checkpoint="")  # the whole stage, as a resume
     first_step = config.meta.variation_warmup_steps  # the MvCoM step proper, after the warm-up
     options = InputOptions(config.model.image_size, config.data.shuffle_buffer)
     batches = tuple(next(distributed_batches(strategy, spec, options, range(first_step, first_step + 1),
@@ -70,7 +70,8 @@ def repeat_step(run: str, repeats: int, inter_op_threads: int) -> dict:
         outputs = keras.tree.flatten_with_path(step())
         values = [v.numpy() for v in variables] + [np.asarray(value) for _, value in outputs]
         if first is None:
-            names = [getattr(v, "path", v.name) for v in variables] + ["output " + "/".join(map(str, path)) for path, _ in outputs]
+            names = [getattr(v, "path", v.name) for v in variables]
+            names += ["output " + "/".join(map(str, path)) for path, _ in outputs]
             first = values
             continue
         changed = [name for name, a, b in zip(names, first, values) if a.tobytes() != b.tobytes()]
