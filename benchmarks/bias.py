@@ -2,17 +2,18 @@
 
     python -m benchmarks.bias [--data=headroom --out_dir=runs/bias_headroom --seeds=0,1,2,3,4]
     python -m benchmarks.bias --quick          # the same study, tiny (a few minutes; the tests run it)
-    python -m benchmarks.bias --tail_fraction=0.0025 --pretrain_epochs=10 --select_only --arms=oracle,resample
+    python -m benchmarks.bias --tail_fraction=0.01 --pretrain_epochs=30 --select_only --arms=oracle,resample
                                                # one point of the headroom search: its val table only
                                                # (--oracle_deltas=0.5,1 tries other margins there)
 
 1. Data under <out_dir>/data, by --data: `headroom` (the default: every tail class of pose,
-   occlusion and blur at 1% of the training images (--tail_fraction), variations that keep the identity
-   evidence; synthetic.HEADROOM_*) or `demo` (the demo's data, whose tails lose information).
+   occlusion and blur at 0.25% of the training images (--tail_fraction), variations that keep the
+   identity evidence; synthetic.HEADROOM_*) or `demo` (the demo's data, whose tails lose information).
    Long-tailed `train`, balanced `meta`, and two pair splits with identities disjoint from them
    and each other: `val` (every choice is made on it) and `test` (scored once per final run).
-2. One CosFace pre-training per seed (flags/bias_study.cfg: trained until it fits the training
-   split, out of the saturated softmax in which no margin changes a gradient). Every
+2. One CosFace pre-training per seed (flags/bias_study.cfg's network at s = 16, out of the saturated
+   softmax in which no margin changes a gradient; 10 of its 30 epochs, --pretrain_epochs, with its lr
+   steps scaled: the headroom search's point at which resampling gains on test). Every
    fine-tuning of a seed starts from it with that seed's batches in the same order, so
    differences between arms are paired.
 3. Selection on `val`, with the first --select_seeds seeds, by the val score (the mean over the
@@ -76,11 +77,12 @@ def define_flags() -> None:
                       f"{', '.join(ARMS)}.")
     flags.register_validator("arms", lambda arms: set(arms) <= set(ARMS), f"--arms must be among {', '.join(ARMS)}")
     flags.DEFINE_bool("quick", False, "A tiny study (small data and network, one value per setting) for tests.")
-    flags.DEFINE_float("tail_fraction", synthetic.HEADROOM_TAIL_FRACTION, "Headroom data: the share of the training "
-                       "images in each tail class of pose, occlusion and blur (a knob of the headroom search).",
-                       lower_bound=0.0, upper_bound=1 / 6)
-    flags.DEFINE_integer("pretrain_epochs", PRETRAIN_EPOCHS, "Epochs of the CosFace pre-training (flags/bias_study.cfg: "
-                         "30); its lr steps scale with it (a knob of the headroom search).", lower_bound=1)
+    flags.DEFINE_float("tail_fraction", None, "Headroom data: the share of the training images in each tail class "
+                       f"of pose, occlusion and blur (a knob of the headroom search); default {FULL.tail_fraction:g} "
+                       f"(--quick: {QUICK.tail_fraction:g}).", lower_bound=0.0, upper_bound=1 / 6)
+    flags.DEFINE_integer("pretrain_epochs", None, "Epochs of the CosFace pre-training, its lr steps scaled from "
+                         f"flags/bias_study.cfg's {CONFIG_EPOCHS} (a knob of the headroom search); default "
+                         f"{FULL.pretrain_epochs} (--quick: its own 3).", lower_bound=1)
     flags.DEFINE_list("oracle_deltas", [f"{delta:g}" for delta in FULL.oracle_deltas], "The oracle's margin deltas "
                       "tried on val (the headroom step of the selection; --quick tries 0.1).")
     flags.register_validator("oracle_deltas", _positive_numbers, "--oracle_deltas must be numbers above 0")
@@ -89,7 +91,7 @@ def define_flags() -> None:
 
 
 DATA = ("headroom", "demo")
-PRETRAIN_EPOCHS, PRETRAIN_LR_STEPS = 30, (14, 20, 23)  # flags/bias_study.cfg
+CONFIG_EPOCHS, CONFIG_LR_STEPS = 30, (14, 20, 23)  # flags/bias_study.cfg
 ARMS = ("prior", "oracle", "resample", "mvcom_variation", "mvcom_verification")
 
 
@@ -102,6 +104,8 @@ class Study:
     scopes: tuple[str, ...]
     length: int  # fine-tuning epochs
     oracle_deltas: tuple[float, ...]
+    tail_fraction: float  # the headroom data's share of the training images in each tail class
+    pretrain_epochs: int | None  # None: the train flags' own schedule
     objectives: tuple[str, ...] = ("variation", "verification")
 
 
@@ -113,20 +117,28 @@ FULL = Study(
     # Scope all costs about 7x a plain step (benchmarks/meta_step.py): its ten final runs alone would take
     # longer than the study's 150-minute budget here, so the study runs the output-block scope only.
     scopes=("output_block",),
-    length=7,  # the paper fine-tunes for 0.6 of its pre-training (18 of 30 epochs); 7 of 30 fits the budget
-    oracle_deltas=(0.1, 0.2, 0.3),
+    length=7,  # the paper fine-tunes for 0.6 of its pre-training (18 of 30 epochs); 7 fits the budget
+    # Up to 1.0 (the logit shifted by s = 16): the headroom search found no delta that helps (docs/bias_study.md).
+    oracle_deltas=(0.1, 0.2, 0.3, 0.5, 1.0),
+    # The headroom search's fourth point (docs/bias_study.md): rare tails and a pre-training that has not yet
+    # fitted them, where balanced resampling gains on test (at 1% and 30 epochs no reference gains).
+    tail_fraction=synthetic.HEADROOM_TAIL_FRACTION,
+    pretrain_epochs=10,
 )
 # The --quick study's network and schedule (benchmarks.meta_signal --quick pre-trains with them too).
 QUICK_TRAIN_FLAGS = ("--flagfile=flags/bias_study.cfg", "--width_multiplier=0.125", "--embedding_size=32",
                      "--batch_size=16", "--epochs=3", "--lr_steps=2", "--log_every=10", "--variation_warmup_steps=2")
-QUICK = Study(train_flags=QUICK_TRAIN_FLAGS, taus=(1000.0,), scopes=("output_block",), length=1, oracle_deltas=(0.1,))
+# Its tails at 1%: a tiny training split holds a few images of each tail class (at 0.25% mostly none).
+QUICK = Study(train_flags=QUICK_TRAIN_FLAGS, taus=(1000.0,), scopes=("output_block",), length=1, oracle_deltas=(0.1,),
+              tail_fraction=0.01, pretrain_epochs=None)
 
 _EVAL_PAIRS = synthetic.SplitConfig(num_identities=1250, pair_anchors=2)  # >= 5,000 pairs in every group
 
 
-def splits(data: str, quick: bool, tail_fraction: float = synthetic.HEADROOM_TAIL_FRACTION
-           ) -> dict[str, synthetic.SplitConfig]:
+def splits(data: str, quick: bool, tail_fraction: float | None = None) -> dict[str, synthetic.SplitConfig]:
     """The study's splits of a data variant: demo (the demo's data) or headroom (rare, identity-keeping tails)."""
+    if tail_fraction is None:
+        tail_fraction = (QUICK if quick else FULL).tail_fraction
     if quick:
         tiny = {"train": synthetic.SplitConfig(num_identities=32, max_images=10, min_images=4),
                 "meta": synthetic.SplitConfig(num_identities=16, meta_images=4),
@@ -138,11 +150,11 @@ def splits(data: str, quick: bool, tail_fraction: float = synthetic.HEADROOM_TAI
     return {split: synthetic.headroom_config(config, split, tail_fraction) for split, config in tiny.items()}
 
 
-def pretrain_schedule(epochs: int) -> list[str]:
+def pretrain_schedule(epochs: int | None) -> list[str]:
     """The pre-training's flags for a length other than flags/bias_study.cfg's: its lr steps at the same fractions."""
-    if epochs == PRETRAIN_EPOCHS:
+    if epochs is None or epochs == CONFIG_EPOCHS:
         return []
-    steps = sorted({max(1, min(epochs - 1, round(step * epochs / PRETRAIN_EPOCHS))) for step in PRETRAIN_LR_STEPS})
+    steps = sorted({max(1, min(epochs - 1, round(step * epochs / CONFIG_EPOCHS))) for step in CONFIG_LR_STEPS})
     return [f"--epochs={epochs}", "--lr_steps=" + ",".join(str(step) for step in steps if step < epochs)]
 
 
@@ -385,17 +397,29 @@ KNOB_FLAGS = {"tail": "tail_fraction", "pretrain": "pretrain_epochs"}  # a knob'
 
 
 def search_knobs() -> dict[str, float]:
-    """The headroom search's knobs that differ from the default headroom data and pre-training (they name the folder)."""
+    """The headroom search's knobs given that differ from the full study's (they name the folder and results)."""
     knobs = {}
-    if FLAGS.data == "headroom" and FLAGS.tail_fraction != synthetic.HEADROOM_TAIL_FRACTION:
+    if FLAGS.data == "headroom" and FLAGS.tail_fraction not in (None, FULL.tail_fraction):
         knobs["tail"] = FLAGS.tail_fraction
-    if FLAGS.pretrain_epochs != PRETRAIN_EPOCHS:
+    if FLAGS.pretrain_epochs not in (None, FULL.pretrain_epochs):
         knobs["pretrain"] = FLAGS.pretrain_epochs
     return knobs
 
 
+def study_from_flags() -> Study:
+    """The full or --quick study with the settings given on the command line."""
+    study = QUICK if FLAGS.quick else FULL
+    if FLAGS["oracle_deltas"].present:
+        study = dataclasses.replace(study, oracle_deltas=tuple(float(delta) for delta in FLAGS.oracle_deltas))
+    if FLAGS.tail_fraction is not None:
+        study = dataclasses.replace(study, tail_fraction=FLAGS.tail_fraction)
+    if FLAGS.pretrain_epochs is not None:
+        study = dataclasses.replace(study, pretrain_epochs=FLAGS.pretrain_epochs)
+    return study
+
+
 def knob_suffix(knobs: dict[str, float]) -> str:
-    """What the knobs add to the run folder's and the results' names: `_tail0.0025_pretrain10`."""
+    """What the knobs add to the run folder's and the results' names: `_tail0.01_pretrain30`."""
     return "".join(f"_{key}{value:g}" for key, value in knobs.items())
 
 
@@ -473,17 +497,15 @@ def meta_signal(runner: Runner, seed: str, arm: Arm, batches: int, warmup_steps:
 
 def main(argv) -> None:
     del argv
-    study = QUICK if FLAGS.quick else FULL
-    if FLAGS["oracle_deltas"].present:
-        study = dataclasses.replace(study, oracle_deltas=tuple(float(delta) for delta in FLAGS.oracle_deltas))
+    study = study_from_flags()
     seeds = list(FLAGS.seeds) if not FLAGS.quick or FLAGS["seeds"].present else ["0", "1"]
     if len(seeds) < 2 and not FLAGS.select_only:
         raise app.UsageError("--seeds: paired intervals need at least 2 seeds")
     knobs = search_knobs()
     out_dir = FLAGS.out_dir or f"runs/bias_{FLAGS.data}{knob_suffix(knobs)}" + ("_quick" if FLAGS.quick else "")
     os.makedirs(out_dir, exist_ok=True)
-    runner = Runner(out_dir, study, splits(FLAGS.data, FLAGS.quick, FLAGS.tail_fraction),
-                    tuple(pretrain_schedule(FLAGS.pretrain_epochs)))
+    runner = Runner(out_dir, study, splits(FLAGS.data, FLAGS.quick, study.tail_fraction),
+                    tuple(pretrain_schedule(study.pretrain_epochs)))
     runner.make_data()
     runner.pretrain(seeds[:FLAGS.select_seeds])  # the headroom's answer first, before the other seeds train
     arms, selection = select(runner, seeds[:FLAGS.select_seeds], tuple(FLAGS.arms))

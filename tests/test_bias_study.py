@@ -91,12 +91,15 @@ def test_residual_summaries_match_numpy():
 
 
 def test_headroom_search_knobs_set_each_tail_share_and_scale_the_pretraining_schedule(tmp_path):
-    from benchmarks.bias import pretrain_schedule
+    from benchmarks.bias import FULL, QUICK, pretrain_schedule, splits
 
     # The default is the data of the finished study (benchmarks/results/bias.json made_by).
-    assert synthetic.headroom_train_probs() == {"pose_probs": (0.01, 0.01, 0.01, 0.94, 0.01, 0.01, 0.01),
-                                                "occlusion_probs": (0.96, 0.01, 0.01, 0.01, 0.01),
-                                                "blur_probs": (0.97, 0.01, 0.01, 0.01)}
+    assert synthetic.headroom_train_probs() == {"pose_probs": (0.0025, 0.0025, 0.0025, 0.985, 0.0025, 0.0025, 0.0025),
+                                                "occlusion_probs": (0.99, 0.0025, 0.0025, 0.0025, 0.0025),
+                                                "blur_probs": (0.9925, 0.0025, 0.0025, 0.0025)}
+    assert splits("headroom", quick=False)["train"].occlusion_probs[1] == FULL.tail_fraction == 0.0025
+    assert splits("headroom", quick=True)["train"].occlusion_probs[1] == QUICK.tail_fraction == 0.01
+    assert pretrain_schedule(FULL.pretrain_epochs) == ["--epochs=10", "--lr_steps=5,7,8"]
     config = synthetic.headroom_config(synthetic.SplitConfig(num_identities=40, min_images=20, max_images=60), "train",
                                        tail_fraction=0.05)
     assert config.pose_probs == (0.05, 0.05, 0.05, 0.7, 0.05, 0.05, 0.05) and config.blur_probs[0] == 0.85
@@ -111,6 +114,7 @@ def test_headroom_search_knobs_set_each_tail_share_and_scale_the_pretraining_sch
     assert pretrain_schedule(30) == []  # flags/bias_study.cfg's own schedule
     assert pretrain_schedule(10) == ["--epochs=10", "--lr_steps=5,7,8"]  # 14, 20, 23 of 30
     assert pretrain_schedule(3) == ["--epochs=3", "--lr_steps=1,2"]
+    assert pretrain_schedule(None) == []  # --quick: its train flags' own schedule
 
 
 def test_paired_interval_by_hand():
