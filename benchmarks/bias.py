@@ -485,11 +485,11 @@ def meta_signal(runner: Runner, seed: str, arm: Arm, batches: int, warmup_steps:
     path = os.path.join(runner.out_dir, "meta_signal", f"seed{seed}-{arm.objective}-{arm.scope}.json")
     figures = _read_json(path, None)
     if figures is None:
-        from benchmarks.meta_signal import probe, summarise
+        from benchmarks.meta_signal import probe_in_fresh_process
 
         print(f"probing the meta signal of {arm.name} from seed {seed}", file=sys.stderr, flush=True)
-        figures = summarise(probe(runner.folder(seed, "pretrain"), arm.objective, batches, warmup_steps,
-                                  [f"--meta_scope={arm.scope}", "--meta_sampling=hard"]))
+        figures = probe_in_fresh_process(runner.folder(seed, "pretrain"), arm.objective, batches, warmup_steps,
+                                         [f"--meta_scope={arm.scope}", "--meta_sampling=hard"])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _write_json(path, figures)
     return figures

@@ -4,14 +4,15 @@
     python -m benchmarks.meta_signal --quick      # tiny data and network, pre-trained here (a few minutes)
 
 From a pre-trained run folder (its flags.txt and checkpoints/pretrain), with the weights held
-fixed: the variation heads are first trained alone on the meta set (--variation_warmup_steps; Eq. 13 is
-only as informative as they are), then for each of --batches training batches T, with a meta
-batch V drawn by the run's rule, the residual update of Eq. 13 from r = 0 with tau = 1 and no
-clipping: u^k_j = -dL_meta^k(V; Omega~)/dr^k_j (tau and the pseudo-update's eta scale u and
-cancel in a correlation). Per factor k, and for the summed update against "tail in any factor":
-the mean of u over the samples in a tail class (any class but the factor's most frequent in the
-training split) and over those in the most frequent class, each with its standard error over
-batches, and the correlation of u with tail membership within a batch, averaged over batches
+fixed and the run's --deterministic and --seed, each objective in a fresh process (one checkpoint,
+the same figures every time): the variation heads are first trained alone on the meta set
+(--variation_warmup_steps; Eq. 13 is only as informative as they are), then for each of --batches
+training batches T, with a meta batch V drawn by the run's rule, the residual update of Eq. 13
+from r = 0 with tau = 1 and no clipping: u^k_j = -dL_meta^k(V; Omega~)/dr^k_j (tau and the
+pseudo-update's eta scale u and cancel in a correlation). Per factor k, and for the summed update
+against "tail in any factor": the mean of u over the samples in a tail class (any class but the
+factor's most frequent in the training split) and over those in the most frequent class, each with
+its standard error over batches, and the correlation of u with tail membership within a batch, averaged over batches
 with its 95% t interval. Seed Sec. E claims learned margins are larger for tail classes: that is
 a positive correlation here.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -69,12 +71,16 @@ def probe(pretrained: str, objective: str, batches: int, warmup_steps: int, over
     from mvcom_tf.data import schema
     from mvcom_tf.data.pipeline import DecodeFailures
     from mvcom_tf.stages.build import build_stage
+    from mvcom_tf.training import runtime
     from mvcom_tf.training.checkpoints import initialise, stage_folder
     from mvcom_tf.training.distribute import InputOptions, distributed_batches
 
     config = config_of_run(pretrained, "--stage=meta", f"--meta_objective={objective}", "--meta_lr_tau=1",
                            "--residual_max=1e30", "--strategy=default", "--cpu_replicas=0", "--eval_data=",
                            *overrides)
+    # The run's --deterministic pin and seed, as its training had them: without the pin Eq. 13's figures moved in
+    # their second digit from one probe of the same checkpoint to the next.
+    runtime.configure(config.runtime)
     strategy = tf.distribute.get_strategy()
     stage = build_stage(config, "meta", strategy)
     initialise(stage, stage_folder(pretrained, "pretrain"))
@@ -111,6 +117,18 @@ def probe(pretrained: str, objective: str, batches: int, warmup_steps: int, over
             "batch": np.concatenate(batch_index), "head_classes": meta_step.head_classes}
 
 
+def probe_in_fresh_process(pretrained: str, objective: str, batches: int, warmup_steps: int,
+                            overrides: list[str]) -> dict:
+    """summarise(probe(...)) in a new Python process: the pin can only be set before TensorFlow runs its first op
+    (the caller may have rendered data or evaluated), and no probe then depends on what ran before it."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_probe_and_summarise, (pretrained, objective, batches, warmup_steps, overrides))
+
+
+def _probe_and_summarise(*args) -> dict:
+    return summarise(probe(*args))
+
+
 def tail_statistics(updates: np.ndarray, tail: np.ndarray, known: np.ndarray, batch: np.ndarray,
                     weights: np.ndarray | None = None) -> dict:
     """Mean update of tail and head samples (SE over batches) and their within-batch correlation with tail
@@ -129,6 +147,7 @@ def tail_statistics(updates: np.ndarray, tail: np.ndarray, known: np.ndarray, ba
         if t.any() and (~t).any() and u.std() > 0:
             correlations.append(np.corrcoef(u, t.astype(np.float64))[0, 1])
     corr, low, high = paired_interval(correlations)
+    low, high = max(low, -1.0), min(high, 1.0)  # a t interval over a few batches can pass a correlation's bounds
 
     def mean_se(values):
         values = np.asarray(values, np.float64)
@@ -215,7 +234,8 @@ def main(argv) -> None:
     for objective in FLAGS.objectives:
         print(f"probing {objective}: {warmup_steps} variation warm-up steps, {batches} batches", file=sys.stderr,
               flush=True)
-        result["objectives"][objective] = summarise(probe(pretrained, objective, batches, warmup_steps, overrides))
+        result["objectives"][objective] = probe_in_fresh_process(pretrained, objective, batches, warmup_steps,
+                                                                 overrides)
     from mvcom_tf.config_flags import config_of_run
 
     config = config_of_run(pretrained, *overrides)

@@ -16,30 +16,11 @@ import sys
 from absl import app, flags, logging
 
 from mvcom_tf.cli import define_command_flags, exit_now
-from mvcom_tf.config import RuntimeConfig, TrainConfig
+from mvcom_tf.config import TrainConfig
 from mvcom_tf.config_flags import DEMO_FLAGFILE, config_from_flags, define_flags, flag_sources
 
 DEMO_DATA = "data/synthetic"
 FLAGS = flags.FLAGS
-
-
-def _configure_devices(runtime: RuntimeConfig) -> None:
-    import tensorflow as tf
-
-    if runtime.cpu_replicas > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        devices = [tf.config.LogicalDeviceConfiguration()] * runtime.cpu_replicas
-        tf.config.set_logical_device_configuration(cpu, devices)
-    if runtime.deterministic:
-        tf.config.experimental.enable_op_determinism()
-        # One op at a time: with TensorFlow's default inter-op parallelism the meta stage's numbers depended on
-        # the order in which independent ops ran, so two runs beside other work diverged (docs/training.md).
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    import keras
-
-    keras.utils.set_random_seed(runtime.seed)
-    if runtime.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(f"mixed_{runtime.mixed_precision}")
 
 
 def _make_demo_data_if_missing(config: TrainConfig) -> None:
@@ -64,8 +45,10 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
     for source, names in flag_sources(list(command)).items():
         logging.info("flags from %s: %s", source, ", ".join(names))
     logging.info("every other flag has its default (python -m mvcom_tf.train --helpfull)")
-    _configure_devices(config.runtime)
-    from mvcom_tf.data.tfrecord import DatasetError  # TensorFlow starts here, after the device configuration
+    from mvcom_tf.training import runtime
+
+    runtime.configure(config.runtime)  # before TensorFlow runs its first op
+    from mvcom_tf.data.tfrecord import DatasetError
     from mvcom_tf.training.checkpoints import CheckpointError
     from mvcom_tf.stages.build import build_stage, summarise_run
     from mvcom_tf.training import distribute, faults, loop
