@@ -64,7 +64,8 @@ def define_flags() -> None:
 
 
 def probe(pretrained: str, objective: str, batches: int, warmup_steps: int, overrides: list[str]) -> dict:
-    """Per-sample first residual updates u [N, factors] with the samples' labels, from `pretrained`."""
+    """Per-sample first residual updates u [N, factors] with the samples' labels, from `pretrained`; sets the
+    run's pin, so it needs a process where TensorFlow has run no op yet (probe_in_fresh_process gives one)."""
     import tensorflow as tf
 
     from mvcom_tf.config_flags import config_of_run
