@@ -33,3 +33,26 @@ def exit_now(status: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+# --align's values (mvcom_tf.data.alignment.ALIGN_MODES; repeated so that --help does not load TensorFlow).
+ALIGN_MODES = ("arcface", "facenet", "none")
+
+
+def define_align_flags(values: flags.FlagValues) -> None:
+    """--align and --align_margin, for the commands that read photographs (evaluate, embed)."""
+    flags.DEFINE_enum("align", "arcface", list(ALIGN_MODES), "How a photo's detected face becomes the model's input: "
+                      "arcface (5 landmarks onto insightface's 112-px template, scaled to the model's size: this "
+                      "project's and insightface's models), facenet (the MTCNN box grown by --align_margin photo "
+                      "pixels, cropped and resized square, as davidsandberg/facenet aligns), none (photos already "
+                      "cropped: resized whole). Recorded in results.json.", flag_values=values)
+    flags.DEFINE_float("align_margin", 32.0, "--align=facenet: pixels of the photo added to the box in all, half on "
+                       "each side (davidsandberg/facenet validates LFW with 32 at 160 px).", lower_bound=0.0,
+                       flag_values=values)
+
+
+def placement_from_flags(values: flags.FlagValues):
+    """The alignment.Placement that --align and --align_margin describe."""
+    from mvcom_tf.data.alignment import Placement
+
+    return Placement(values.align, values.align_margin)

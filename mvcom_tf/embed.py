@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from mvcom_tf.cli import define_command_flags
+from mvcom_tf.cli import define_align_flags, define_command_flags, placement_from_flags
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +39,7 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("min_face_size", 20, "The smallest face side in pixels kept.", lower_bound=1,
                          flag_values=values)
     flags.DEFINE_integer("batch_size", 64, "Faces embedded at once.", lower_bound=1, flag_values=values)
+    define_align_flags(values)
 
 
 def main(argv: list[str]) -> int:
@@ -47,7 +48,8 @@ def main(argv: list[str]) -> int:
     from mvcom_tf.data.images import ImageProblem
     from mvcom_tf.evaluation.photos import FaceEmbedder, embed_folder, image_paths, model_threshold
 
-    embedder = FaceEmbedder(FLAGS.model, FLAGS.min_confidence, FLAGS.min_face_size, FLAGS.batch_size)
+    embedder = FaceEmbedder(FLAGS.model, FLAGS.min_confidence, FLAGS.min_face_size, FLAGS.batch_size,
+                            placement_from_flags(FLAGS))
     if FLAGS.compare:
         if len(argv) != 3:
             raise app.UsageError("--compare takes two image paths")

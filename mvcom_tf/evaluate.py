@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from mvcom_tf.cli import define_command_flags
+from mvcom_tf.cli import define_align_flags, define_command_flags, placement_from_flags
 from mvcom_tf.evaluation.benchmark_spec import KINDS, parse_benchmark
 
 FLAGS = flags.FLAGS
@@ -42,6 +42,7 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("batch_size", 256, "Images per batch.", lower_bound=1, flag_values=values)
     flags.DEFINE_integer("image_size", 0, "Input size; 0: the SavedModel's own (its signature's height).",
                          lower_bound=0, flag_values=values)
+    define_align_flags(values)
     flags.register_validator("benchmark", _check_benchmarks, "give at least one --benchmark=<kind>:<path> "
                              f"with a kind among {', '.join(KINDS)}", flag_values=values)
 
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> int:
     output_dir = FLAGS.output_dir or default_output
     try:
         results = evaluate(FLAGS.model, FLAGS.benchmark, output_dir, FLAGS.batch_size, FLAGS.image_size,
-                           OnnxInput(FLAGS.input_mean, FLAGS.input_std, FLAGS.input_bgr))
+                           OnnxInput(FLAGS.input_mean, FLAGS.input_std, FLAGS.input_bgr), placement_from_flags(FLAGS))
     except (DatasetError, FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -113,3 +113,40 @@ def test_a_synthesised_blur_lands_in_its_measured_bin():
         measured = alignment.blur_class(float(alignment.laplacian_variance(out["image"])))
         hits += measured == int(out["blur"])
     assert hits >= 11, f"{hits}/12 blurred faces measured in the bin of the blur applied"
+
+
+def test_facenet_and_none_placements_crop_as_worked_by_hand():
+    # davidsandberg/facenet: the box grown by margin / 2 on each side, rounded down to whole pixels, clipped.
+    box = (50.6, 40.2, 100.0, 120.0)  # x, y, width, height in a 200 x 300 photo
+    np.testing.assert_array_equal(alignment.facenet_box(box, (200, 300, 3), margin=32), [34, 24, 166, 176])
+    np.testing.assert_array_equal(alignment.facenet_box((5.0, 190.0, 40.0, 40.0), (200, 300, 3), 32), [0, 174, 61, 200])
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (120, 100, 3)).astype(np.uint8)
+    # A crop of the model's size is copied pixel for pixel.
+    crop = np.array([10, 20, 74, 84])
+    placed = alignment.warp_uint8(photo, alignment.crop_transform(crop, 64), 64).numpy()
+    np.testing.assert_array_equal(placed, photo[20:84, 10:74])
+    # `none` halves a 64 x 64 photo: each output pixel is the mean of a 2 x 2 block (bilinear at its centre).
+    square = photo[:64, :64].astype(np.float64)
+    halved = alignment.warp_uint8(photo[:64, :64], alignment.face_transform("none", 32, (64, 64, 3)), 32).numpy()
+    blocks = square.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_array_equal(halved, np.round(blocks).astype(np.uint8))
+    placement = alignment.Placement("facenet", margin=44)
+    assert placement.describe() == {"align": "facenet", "align_margin": 44}
+    np.testing.assert_array_equal(placement.transform(64, photo.shape, box=(30.0, 30.0, 20.0, 20.0)),
+                                  alignment.crop_transform(np.array([8, 8, 72, 72]), 64))
+    assert alignment.Placement("facenet").as_is(np.zeros((160, 160, 3)), 160)
+    assert not alignment.Placement("facenet").as_is(np.zeros((112, 112, 3)), 160)
+    with pytest.raises(ValueError, match="unknown --align 'dlib'; expected one of arcface, facenet, none"):
+        alignment.Placement("dlib")
+
+
+def test_align_flag_is_listed_and_its_values_match_the_library():
+    from mvcom_tf.cli import ALIGN_MODES
+    from tests.helpers import run_module
+
+    assert ALIGN_MODES == alignment.ALIGN_MODES
+    for command in ("mvcom_tf.evaluate", "mvcom_tf.embed"):
+        result = run_module(["-m", command, "--helpfull"])
+        assert "--align: <arcface|facenet|none>" in result.stdout, command
+        assert "--align_margin" in result.stdout

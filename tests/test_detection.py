@@ -192,6 +192,19 @@ def test_embed_writes_every_photo_or_says_why(tmp_path):
     face = alignment.align_face(images.decode_rgb(open(saved["paths"][0], "rb").read()), saved["landmarks"][0], size)
     both = embed(face[None]).numpy() + embed(face[None, :, ::-1]).numpy()
     np.testing.assert_allclose(saved["embeddings"][0], both[0] / np.linalg.norm(both[0]), atol=1e-4)
+    # --align=facenet: the same photos cropped as davidsandberg/facenet does (box + 32 px, resized square).
+    facenet_output = tmp_path / "facenet.npz"
+    facenet = run_module(["-m", "mvcom_tf.embed", f"--model={model}", f"--images={folder}",
+                          f"--output={facenet_output}", "--min_confidence=0.8", "--align=facenet"])
+    assert facenet.returncode == 0, facenet.stderr[-2000:]
+    cropped = np.load(facenet_output)
+    assert json.loads(str(cropped["align"])) == {"align": "facenet", "align_margin": 32.0}
+    photo = images.decode_rgb(open(cropped["paths"][0], "rb").read())
+    box = alignment.facenet_box(tuple(cropped["boxes"][0]), photo.shape, 32)
+    face = alignment.warp_uint8(photo, alignment.crop_transform(box, size), size)
+    both = embed(face[None]).numpy() + embed(face[None, :, ::-1]).numpy()
+    np.testing.assert_allclose(cropped["embeddings"][0], both[0] / np.linalg.norm(both[0]), atol=1e-4)
+    assert np.abs(cropped["embeddings"][0] - saved["embeddings"][0]).max() > 1e-3  # another crop, another embedding
     same = run_module(["-m", "mvcom_tf.embed", f"--model={model}", "--compare", "--threshold=0.5",
                        "--min_confidence=0.8", str(saved["paths"][0]), str(saved["paths"][0])])
     assert same.returncode == 0 and "cosine 1.0000: same person" in same.stdout, same.stderr[-2000:]
@@ -228,6 +241,10 @@ def test_csv_kind_scores_like_the_pairs_kind_and_names_faceless_photos(tmp_path)
     by_csv = evaluate(model, [f"csv:{lfw / 'pairs.csv'}"], str(tmp_path / "e2"))["csv:pairs.csv"]
     assert by_csv["num_pairs"] == by_pairs["num_pairs"] == len(pairs["same"])
     assert by_csv["accuracy"] == by_pairs["accuracy"] and by_csv["no_face"] == by_pairs["no_face"] == 0
+    # Aligned 112-px crops: --align=none takes them whole too (the same pixels), and results.json says which.
+    from mvcom_tf.data.alignment import Placement
+    whole = evaluate(model, [f"pairs:{lfw}"], str(tmp_path / "e0"), placement=Placement("none"))["pairs:lfw"]
+    assert (whole["align"], by_pairs["align"]) == ("none", "arcface") and whole["accuracy"] == by_pairs["accuracy"]
     # Photos of another size are detected; one without a face is embedded whole, counted and named.
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -7,6 +7,7 @@ left mouth corner, right mouth corner ("left" = the image's left).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -63,6 +64,81 @@ def alignment_transform(landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.n
     return inverse.reshape(-1)[:8].astype(np.float32)
 
 
+# How a detected face becomes the model's input (--align of evaluate and embed):
+#   arcface: the 5 landmarks onto insightface's reference (this project's and insightface's models);
+#   facenet: the detector's box grown by a margin, cropped and resized to a square (davidsandberg/facenet's
+#            align_dataset_mtcnn.py: the margin in the photo's pixels, half on each side, the box then rounded
+#            to whole pixels and clipped to the photo; facenet-pytorch's MTCNN instead counts its margin in
+#            pixels of the output: margin_out = margin * box_side / (size - margin_out) in the photo);
+#   none: the photo is already a face crop, resized to a square as it is.
+ALIGN_MODES = ("arcface", "facenet", "none")
+# davidsandberg/facenet's LFW validation aligns at 160 px with a 32 px margin (its training crops use 44 at 182).
+FACENET_MARGIN = 32
+
+
+def facenet_box(box: tuple[float, float, float, float], image_shape: tuple[int, ...],
+                margin: float = FACENET_MARGIN) -> np.ndarray:
+    """The crop (x1, y1, x2, y2), whole pixels, of a detection box (x, y, width, height) grown by `margin` photo
+    pixels in all (half on each side) and clipped to the photo, as davidsandberg/facenet crops."""
+    x, y, width, height = box
+    height_limit, width_limit = image_shape[0], image_shape[1]
+    return np.array([max(int(x - margin / 2), 0), max(int(y - margin / 2), 0),
+                     min(int(x + width + margin / 2), width_limit), min(int(y + height + margin / 2), height_limit)])
+
+
+def crop_transform(crop: np.ndarray, size: int) -> np.ndarray:
+    """The 8 numbers of ImageProjectiveTransformV3 that map the crop (x1, y1, x2, y2) onto [size, size] (output
+    pixel centres onto the crop's, bilinear)."""
+    x1, y1, x2, y2 = (float(v) for v in crop)
+    scale_x, scale_y = (x2 - x1) / size, (y2 - y1) / size
+    return np.array([scale_x, 0.0, x1 + 0.5 * scale_x - 0.5, 0.0, scale_y, y1 + 0.5 * scale_y - 0.5, 0.0, 0.0],
+                    np.float32)
+
+
+def face_transform(mode: str, size: int, image_shape: tuple[int, ...], landmarks: np.ndarray | None = None,
+                   box: tuple[float, float, float, float] | None = None,
+                   margin: float = FACENET_MARGIN) -> np.ndarray:
+    """The warp that makes a detected face the model's [size, size] input under --align `mode` (`none`: the
+    whole photo)."""
+    if mode == "arcface":
+        return alignment_transform(landmarks, size)
+    if mode == "facenet":
+        return crop_transform(facenet_box(box, image_shape, margin), size)
+    if mode == "none":
+        return crop_transform(np.array([0, 0, image_shape[1], image_shape[0]]), size)
+    raise ValueError(f"unknown --align {mode!r}; expected one of {', '.join(ALIGN_MODES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """--align: how a photo's face becomes the model's input (ALIGN_MODES), and facenet's margin."""
+
+    mode: str = "arcface"
+    margin: float = FACENET_MARGIN
+
+    def __post_init__(self) -> None:
+        if self.mode not in ALIGN_MODES:
+            raise ValueError(f"unknown --align {self.mode!r}; expected one of {', '.join(ALIGN_MODES)}")
+
+    def as_is(self, image: np.ndarray, size: int) -> bool:
+        """Whether the photo is taken whole, without detection: `none` always; `arcface` an aligned crop
+        (looks_aligned); `facenet` a square crop at the model's size."""
+        if self.mode == "none":
+            return True
+        if self.mode == "arcface":
+            return looks_aligned(image, size)
+        return image.shape[0] == image.shape[1] == size
+
+    def transform(self, size: int, image_shape: tuple[int, ...], landmarks: np.ndarray | None = None,
+                  box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+        """The warp onto the model's [size, size] input (face_transform)."""
+        return face_transform(self.mode, size, image_shape, landmarks, box, self.margin)
+
+    def describe(self) -> dict:
+        """What results.json records."""
+        return {"align": self.mode, **({"align_margin": self.margin} if self.mode == "facenet" else {})}
+
+
 def warp(image: tf.Tensor, transform: tf.Tensor, size: int | tf.Tensor) -> tf.Tensor:
     """Bilinear warp of one float image [H, W, 3] by an alignment_transform to [size, size, 3] (graph op)."""
     return tf.raw_ops.ImageProjectiveTransformV3(
@@ -79,7 +155,12 @@ def _warp_uint8(image: tf.Tensor, transform: tf.Tensor, size: tf.Tensor) -> tf.T
 
 def align_face(image: np.ndarray | tf.Tensor, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> tf.Tensor:
     """Warps a face so its 5 landmarks land on the ArcFace reference (scaled to `size`); uint8 [size, size, 3]."""
-    return _warp_uint8(tf.convert_to_tensor(image, tf.uint8), alignment_transform(landmarks, size),
+    return warp_uint8(image, alignment_transform(landmarks, size), size)
+
+
+def warp_uint8(image: np.ndarray | tf.Tensor, transform: np.ndarray, size: int) -> tf.Tensor:
+    """A uint8 photo warped by one of this module's transforms to uint8 [size, size, 3]."""
+    return _warp_uint8(tf.convert_to_tensor(image, tf.uint8), np.asarray(transform, np.float32),
                        tf.constant(size, tf.int32))
 
 

@@ -47,11 +47,12 @@ class Photo(NamedTuple):
 class FaceEmbedder:
     """Photograph -> detected, aligned face -> flip-fused, L2-normalised embedding."""
 
-    def __init__(self, model: str, min_confidence: float, min_face_size: int, batch_size: int = 64) -> None:
+    def __init__(self, model: str, min_confidence: float, min_face_size: int, batch_size: int = 64,
+                 placement: alignment.Placement = alignment.Placement()) -> None:
         embed, self.image_size = load_embedder(model)
         self.embed = tf.function(embed, reduce_retracing=True)
         self.detector = FaceDetector(min_confidence, min_face_size)
-        self.batch_size = batch_size
+        self.batch_size, self.placement = batch_size, placement
 
     def face(self, path: str) -> tuple[np.ndarray | None, Face | None]:
         """(aligned uint8 face, Face) of the photo's main face, or (None, None); raises what made it unreadable."""
@@ -61,26 +62,28 @@ class FaceEmbedder:
         return photo.face, photo.found
 
     def faces(self, paths: list[str]) -> list[Photo]:
-        """Each photo's main face, aligned, the photos detected in one batch; a photo that cannot be read says why."""
-        photos, images = [Photo(path) for path in paths], {}
+        """Each photo's main face, placed by --align, the photos detected in one batch; a photo that cannot be read
+        says why."""
+        photos, images, size, placement = [Photo(path) for path in paths], {}, self.image_size, self.placement
         for index, path in enumerate(paths):
             try:
                 images[index] = read_rgb(path)
             except (ImageProblem, OSError, tf.errors.NotFoundError) as problem:
                 photos[index] = Photo(path, problem=problem)
-        # An aligned crop (as evaluate's pairs kind takes it) is used as it is: its "detection" is the whole
-        # image with the reference landmarks.
-        aligned = {index: image for index, image in images.items() if alignment.looks_aligned(image, self.image_size)}
-        for index, image in aligned.items():
-            size = image.shape[0]
-            reference = alignment.ARCFACE_REFERENCE * (size / alignment.ALIGNED_SIZE)
-            found = Face((0.0, 0.0, float(size), float(size)), 1.0, reference)
-            photos[index] = Photo(paths[index], alignment.align_face(image, reference, self.image_size).numpy(), found)
-        pending = {index: image for index, image in images.items() if index not in aligned}
+        # A photo already cropped as --align expects (as evaluate's pairs kind takes it) is used whole: its
+        # "detection" is the whole image, with the reference landmarks of an aligned crop.
+        whole = {index: image for index, image in images.items() if placement.as_is(image, size)}
+        for index, image in whole.items():
+            height, width = image.shape[:2]
+            reference = alignment.ARCFACE_REFERENCE * np.array([width, height]) / alignment.ALIGNED_SIZE
+            found = Face((0.0, 0.0, float(width), float(height)), 1.0, reference)
+            transform = alignment.face_transform("none", size, image.shape)
+            photos[index] = Photo(paths[index], alignment.warp_uint8(image, transform, size).numpy(), found)
+        pending = {index: image for index, image in images.items() if index not in whole}
         for (index, image), found in zip(pending.items(), main_faces(self.detector, list(pending.values()))):
             if found is not None:
-                face = alignment.align_face(image, found.landmarks, self.image_size).numpy()
-                photos[index] = Photo(paths[index], face, found)
+                transform = placement.transform(size, image.shape, found.landmarks, found.box)
+                photos[index] = Photo(paths[index], alignment.warp_uint8(image, transform, size).numpy(), found)
         return photos
 
     def embeddings(self, faces):
@@ -111,7 +114,8 @@ def embed_folder(embedder: FaceEmbedder, paths: list[str], output: str) -> dict:
     np.savez(buffer, paths=np.array(kept), embeddings=embeddings.astype(np.float32),
              boxes=np.array(boxes, np.float32).reshape(-1, 4),
              landmarks=np.array(landmarks, np.float32).reshape(-1, 5, 2),
-             confidences=np.array(confidences, np.float32), no_face=np.array(no_face), unreadable=np.array(unreadable))
+             confidences=np.array(confidences, np.float32), no_face=np.array(no_face), unreadable=np.array(unreadable),
+             align=np.array(json.dumps(embedder.placement.describe())))
     with tf.io.gfile.GFile(output, "wb") as f:
         f.write(buffer.getvalue())
     return {"embedded": len(kept), "no_face": len(no_face), "unreadable": len(unreadable)}

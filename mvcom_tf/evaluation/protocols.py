@@ -49,14 +49,15 @@ def encoded_images(encoded: list[bytes], image_size: int, batch_size: int) -> tf
         .prefetch(tf.data.AUTOTUNE)
 
 
-def file_images(paths: list[str], landmarks: list[np.ndarray | None], image_size: int,
+def file_images(paths: list[str], placements: list[np.ndarray | None], image_size: int,
                 batch_size: int) -> tf.data.Dataset:
-    """Batches of uint8 faces read from files (streamed), aligned where landmarks are given, else resized."""
+    """Batches of uint8 faces read from files (streamed), warped where a transform is given (alignment's
+    transforms), else resized whole."""
     transforms = np.zeros((len(paths), 8), np.float32)
     aligned = np.zeros(len(paths), bool)
-    for index, points in enumerate(landmarks):
-        if points is not None:
-            transforms[index] = alignment.alignment_transform(points, image_size)
+    for index, transform in enumerate(placements):
+        if transform is not None:
+            transforms[index] = transform
             aligned[index] = True
 
     def decode(data: bytes) -> np.ndarray:
@@ -99,18 +100,20 @@ def run_bin(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scor
     return _verification(scores, same, posixpath.basename(path))
 
 
-def _pair_scores(embed: EmbedFn, pairs: formats.PairList, landmarks, image_size: int, batch_size: int) -> np.ndarray:
-    embeddings = embed_images(embed, file_images(pairs.paths, landmarks, image_size, batch_size), len(pairs.paths))
+def _pair_scores(embed: EmbedFn, pairs: formats.PairList, placements, image_size: int,
+                 batch_size: int) -> np.ndarray:
+    embeddings = embed_images(embed, file_images(pairs.paths, placements, image_size, batch_size), len(pairs.paths))
     return np.sum(embeddings[pairs.first] * embeddings[pairs.second], axis=1)
 
 
-def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray | None], list[str], dict[str, str]]:
-    """Each photo's detected landmarks, None for a photo already aligned (the model's input size, or 112
-    px square); the photos in which no face was found (they are embedded whole, resized); and the
-    photos that cannot be read, with the reason."""
+def photo_placements(paths: list[str], image_size: int, placement: alignment.Placement = alignment.Placement()
+                     ) -> tuple[list[np.ndarray | None], list[str], dict[str, str]]:
+    """Each photo's warp onto the model's input under --align (None: taken whole, resized: a photo already
+    cropped as the mode expects, or any photo with --align=none); the photos in which no face was found (they are
+    embedded whole, resized); and the photos that cannot be read, with the reason."""
     from mvcom_tf.data.detection import DETECT_BATCH, FaceDetector, main_faces
 
-    detector, landmarks, no_face, unreadable = FaceDetector(), [None] * len(paths), [], {}
+    detector, placements, no_face, unreadable = FaceDetector(), [None] * len(paths), [], {}
     progress = ProgressLine("detect", len(paths), "photos")
     for first in range(0, len(paths), DETECT_BATCH):
         pending = {}  # index -> image of this batch's photos that need a detection
@@ -120,15 +123,15 @@ def photo_landmarks(paths: list[str], image_size: int) -> tuple[list[np.ndarray 
             except (images.ImageProblem, tf.errors.NotFoundError) as problem:
                 unreadable[paths[index]] = f"{paths[index]}: {problem}"
                 continue
-            if not alignment.looks_aligned(image, image_size):
+            if not placement.as_is(image, image_size):
                 pending[index] = image
-        for index, face in zip(pending, main_faces(detector, list(pending.values()))):
+        for (index, image), face in zip(pending.items(), main_faces(detector, list(pending.values()))):
             if face is None:
                 no_face.append(paths[index])
             else:
-                landmarks[index] = face.landmarks
+                placements[index] = placement.transform(image_size, image.shape, face.landmarks, face.box)
         progress.advance(min(DETECT_BATCH, len(paths) - first))
-    return landmarks, no_face, unreadable
+    return placements, no_face, unreadable
 
 
 def _readable_pairs(pairs: formats.PairList, landmarks: list, unreadable: dict[str, str]):
@@ -142,10 +145,11 @@ def _readable_pairs(pairs: formats.PairList, landmarks: list, unreadable: dict[s
     return kept, [landmarks[i] for i in keep], int(np.sum(~usable))
 
 
-def _photo_pairs(embed: EmbedFn, pairs: formats.PairList, name: str, image_size: int, batch_size: int) -> Scored:
-    """Pairs of photographs: detected and aligned unless already aligned; faceless photos embedded whole,
-    counted and named; a pair with a photo that cannot be read is left out, counted and named."""
-    landmarks, no_face, unreadable = photo_landmarks(pairs.paths, image_size)
+def _photo_pairs(embed: EmbedFn, pairs: formats.PairList, name: str, image_size: int, batch_size: int,
+                 placement: alignment.Placement) -> Scored:
+    """Pairs of photographs: detected and placed by --align unless already cropped; faceless photos embedded
+    whole, counted and named; a pair with a photo that cannot be read is left out, counted and named."""
+    landmarks, no_face, unreadable = photo_placements(pairs.paths, image_size, placement)
     if unreadable:
         pairs, landmarks, left_out = _readable_pairs(pairs, landmarks, unreadable)
         logging.warning("%s: %d photo(s) cannot be read, %d pair(s) left out; first: %s", name, len(unreadable),
@@ -153,23 +157,26 @@ def _photo_pairs(embed: EmbedFn, pairs: formats.PairList, name: str, image_size:
         if not len(pairs.same):
             raise DatasetError(f"{name}: no pair has two readable photos (e.g. {next(iter(unreadable.values()))})")
     scored = _verification(_pair_scores(embed, pairs, landmarks, image_size, batch_size), pairs.same, name)
-    scored.result.update(no_face=len(no_face), no_face_images=no_face)
+    scored.result.update(no_face=len(no_face), no_face_images=no_face, **placement.describe())
     if unreadable:
         scored.result.update(unreadable=len(unreadable), unreadable_images=list(unreadable.values()),
                              pairs_left_out=left_out)
     return scored
 
 
-def run_pairs(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
+def run_pairs(embed: EmbedFn, path: str, image_size: int, batch_size: int,
+              placement: alignment.Placement = alignment.Placement()) -> Scored:
     """An LFW-style pairs.txt (or a folder holding one) over faces `<name>/<name>_NNNN.jpg` beside it."""
     pairs_file = posixpath.join(path, "pairs.txt") if tf.io.gfile.isdir(path) else path
     pairs = formats.read_lfw_pairs(pairs_file, posixpath.dirname(pairs_file))
-    return _photo_pairs(embed, pairs, posixpath.basename(path.rstrip("/")), image_size, batch_size)
+    return _photo_pairs(embed, pairs, posixpath.basename(path.rstrip("/")), image_size, batch_size, placement)
 
 
-def run_csv(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
+def run_csv(embed: EmbedFn, path: str, image_size: int, batch_size: int,
+            placement: alignment.Placement = alignment.Placement()) -> Scored:
     """A CSV of photo pairs (two image paths and a same/different column), photos of any size."""
-    return _photo_pairs(embed, formats.read_pair_csv(path), posixpath.basename(path), image_size, batch_size)
+    return _photo_pairs(embed, formats.read_pair_csv(path), posixpath.basename(path), image_size, batch_size,
+                        placement)
 
 
 def run_rfw(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
@@ -197,7 +204,8 @@ def run_ijb(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scor
         raise DatasetError(f"{path}/meta holds neither ijbc_face_tid_mid.txt nor ijbb_face_tid_mid.txt")
     meta = formats.read_ijb(path, names[0])
     paths = [posixpath.join(path, "loose_crop", image) for image in meta.images]
-    features = embed_images(embed, file_images(paths, list(meta.landmarks), image_size, batch_size), len(paths))
+    placements = [alignment.alignment_transform(points, image_size) for points in meta.landmarks]
+    features = embed_images(embed, file_images(paths, placements, image_size, batch_size), len(paths))
     template_ids, template_features = ijb.template_features(features, meta.templates, meta.medias, meta.scores)
     scores = ijb.pair_scores(template_ids, template_features, meta.pair_templates)
     far, tar, _ = metrics.roc_curve(scores, meta.pair_labels)
@@ -251,6 +259,13 @@ RUNNERS = {"bin": run_bin, "pairs": run_pairs, "csv": run_csv, "rfw": run_rfw, "
            "synthetic": run_synthetic}
 
 
-def run_benchmark(kind: str, path: str, embed: EmbedFn, image_size: int, batch_size: int = 256) -> Scored:
-    """Scores one benchmark of any kind."""
+# The kinds of photographs, which --align places; the others are aligned crops or read their own landmarks.
+PHOTO_KINDS = ("pairs", "csv")
+
+
+def run_benchmark(kind: str, path: str, embed: EmbedFn, image_size: int, batch_size: int = 256,
+                  placement: alignment.Placement = alignment.Placement()) -> Scored:
+    """Scores one benchmark of any kind (`placement`: --align, for the photo kinds)."""
+    if kind in PHOTO_KINDS:
+        return RUNNERS[kind](embed, path, image_size, batch_size, placement)
     return RUNNERS[kind](embed, path, image_size, batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
+from mvcom_tf.data.alignment import Placement
 from mvcom_tf.evaluation.benchmark_spec import benchmark_key, parse_benchmark
 from mvcom_tf.evaluation.embedders import OnnxInput, load_embedder
 
@@ -47,8 +48,9 @@ def markdown_table(results: dict) -> str:
 
 
 def evaluate(model: str, benchmarks: list[str], output_dir: str, batch_size: int = 256, image_size: int = 0,
-             onnx_input: OnnxInput | None = None) -> dict:
-    """Scores every benchmark; writes results.json and ROC PNGs to output_dir; returns the results."""
+             onnx_input: OnnxInput | None = None, placement: Placement = Placement()) -> dict:
+    """Scores every benchmark (`placement`: --align of the photo kinds); writes results.json and ROC PNGs to
+    output_dir; returns the results."""
     import tensorflow as tf
 
     from mvcom_tf.data.figures import to_rgb
@@ -62,7 +64,7 @@ def evaluate(model: str, benchmarks: list[str], output_dir: str, batch_size: int
     for spec in benchmarks:
         kind, path = parse_benchmark(spec)
         key = benchmark_key(kind, path)
-        scored = run_benchmark(kind, path, embed, size, batch_size)
+        scored = run_benchmark(kind, path, embed, size, batch_size, placement)
         results[key] = scored.result
         picture = to_rgb(roc_figure(scored.curves, key))
         with tf.io.gfile.GFile(posixpath.join(output_dir, f"roc_{key.replace(':', '_')}.png"), "wb") as f:
