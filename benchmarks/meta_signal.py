@@ -101,7 +101,7 @@ def probe(pretrained: str, objective: str, batches: int, warmup_steps: int, over
         prior = step.margins(batch)
         meta_batch = meta_step.select(batch, meta_pool)
         residuals, recorded = meta_step.residuals(batch, meta_batch, prior, meta_step.trunk_features(meta_batch))
-        _, per_sample, _ = step.batch_loss(recorded.embeddings, batch["identity"], prior)
+        _, per_sample, _ = step.batch_loss(recorded.embeddings, batch, prior)
         return residuals, 1.0 - tf.exp(-per_sample)  # 1 - p_y at the prior margin
 
     for _ in range(warmup_steps):
@@ -198,7 +198,7 @@ def table(result: dict) -> str:
 
 def quick_pretrained(out_dir: str) -> str:
     """--quick: tiny headroom data and a tiny pre-training in out_dir; returns the run folder."""
-    from benchmarks.bias import QUICK_TRAIN_FLAGS, splits
+    from benchmarks.bias.data import QUICK_TRAIN_FLAGS, splits
     from mvcom_tf.data import synthetic
     from mvcom_tf.data.tfrecord import DatasetError, read_info
 

@@ -43,6 +43,9 @@ class DataConfig:
                                             "factor come about equally often: the bias study's resample reference).",
                                  choices=("natural", "balanced"))
     shuffle_buffer: int = option(20_000, "Records in the shuffle buffer.", lower=1)
+    skip_corrupt_records: bool = option(False, "Read a damaged shard (truncated copy, corrupt record) up to its first "
+                                               "bad record and train on, counting the records lost in metrics.json "
+                                               "and the progress line; without it the run stops naming the shard.")
     synth_blur_prob: float = option(0.0, "Probability of blurring a training or meta image (Gaussian, blur class "
                                          "1-3 uniformly); its blur label becomes the class applied.",
                                     lower=0.0, upper=1.0)
@@ -85,6 +88,24 @@ class IdentityHeadConfig:
     margin_prior_power: float = option(0.25, "Power p of the volume prior (0 gives the constant margin).", lower=0.0)
     margin_min: float = option(0.25, "Lower clip of the volume prior.")
     margin_max: float = option(0.45, "Upper clip of the volume prior.")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightingConfig:
+    """How much each training sample counts in the identity loss (the worst-group methods; docs/method.md)."""
+
+    loss_weighting: str = option("none", "Per-sample loss weights: none; balanced (resampling's ratios as weights: "
+                                         "mean over factors of 1 / (K p(class)), mean 1 over the split); error_set "
+                                         "(JTT: the images of --error_set up-weighted by --error_set_upweight, "
+                                         "normalised to mean 1); groupdro (GroupDRO: online exponential weights on "
+                                         "each factor's classes' losses, step --groupdro_step_size).",
+                                 choices=("none", "balanced", "error_set", "groupdro"))
+    error_set: str = option("", "--loss_weighting=error_set: a file listing the `image/source` of each training "
+                                "image the first model got wrong (tools/jtt_error_set.py writes it).")
+    error_set_upweight: float = option(5.0, "--loss_weighting=error_set: how many times an error-set image counts "
+                                            "(JTT's lambda_up).", lower=1.0)
+    groupdro_step_size: float = option(0.01, "--loss_weighting=groupdro: eta_q of q_g <- q_g exp(eta_q L_g).",
+                                       lower=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +175,22 @@ class MetaConfig:
                                        "centres; docs/pretrained.md).", lower=0)
     head_warmup_lr: float = option(0.1, "Learning rate of the identity head's warm-up (SGD, same momentum).",
                                    lower=0.0)
+    target: str = option("margins", "What the meta-gradient learns per training sample: margins (the paper: residuals "
+                                    "added to the margin, Eq. 13), weights (a loss weight per sample, as learning to "
+                                    "reweight: max(-dL_meta/d eps, 0) normalised over the batch), or both, from one "
+                                    "pseudo-update (docs/method.md).", flag="meta_target",
+                         choices=("margins", "weights", "both"))
+    weight_mix: float = option(1.0, "--meta_target=weights/both: a sample's loss weight is (1 - mix) + mix * its "
+                                    "learned weight (1: learning to reweight's weights alone; 0: uniform).",
+                               flag="meta_weight_mix", lower=0.0, upper=1.0)
     oracle_margin_deltas: tuple[float, ...] = option(
         (0.0, 0.0, 0.0, 0.0), "Meta stage, a reference for the bias study (benchmarks/bias.py), not a method: add "
         f"delta_k to a sample's margin when its ground-truth class of factor k {FACTOR_LIST} is not that factor's "
         "most frequent class in --train_data; use with --meta_lr_tau=0.", length=4)
+    oracle_side: str = option("tail", "Where the oracle's deltas go: tail (delta_k added when a sample's class of "
+                                      "factor k is not the head class) or head (delta_k subtracted when it is: the "
+                                      "head's margins lowered instead of the tail's raised).",
+                              choices=("tail", "head"))
 
     @property
     def group_size(self) -> int:
@@ -241,6 +274,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     head: IdentityHeadConfig = dataclasses.field(default_factory=IdentityHeadConfig)
+    weighting: WeightingConfig = dataclasses.field(default_factory=WeightingConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     pretrain: Schedule = dataclasses.field(default_factory=Schedule)
     finetune: FineTuneSchedule = dataclasses.field(default_factory=FineTuneSchedule)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from mvcom_tf.losses.group_dro import GroupDRO
 from mvcom_tf.losses.margins import identity_loss, wins_without_margin
 from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.models.sharded_head import ShardedMarginHead, sgd_update
@@ -18,17 +19,20 @@ class MarginStep:
     class-aware prior in the meta stage, which adds its residuals and reuses `forward`,
     `apply` and the head); `factor_offsets[k][c]`, if given, is added for samples of class c
     of factor k (the bias study's oracle arm). Losses are summed and divided by the global batch, so that the
-    gradients that MirroredStrategy sums over replicas are those of the global mean.
+    gradients that MirroredStrategy sums over replicas are those of the global mean. A sample's loss is
+    multiplied by its weight: the batch's `weight` (--loss_weighting balanced or error_set, from the input
+    pipeline) and GroupDRO's (`group_dro`), where given.
     """
 
     def __init__(self, backbone: keras.Model, head: MarginHead, optimizer: keras.optimizers.Optimizer,
                  class_margins: tf.Tensor, global_batch: int, skip_nonfinite: bool = False,
-                 factor_offsets: dict[str, tf.Tensor] | None = None) -> None:
+                 factor_offsets: dict[str, tf.Tensor] | None = None, group_dro: GroupDRO | None = None) -> None:
         self.backbone, self.head, self.optimizer = backbone, head, optimizer
         self.class_margins = class_margins
         self.factor_offsets = factor_offsets or {}
         self.global_batch = global_batch
         self.skip_nonfinite = skip_nonfinite
+        self.group_dro = group_dro
 
     @property
     def checkpointed_head(self):
@@ -73,22 +77,37 @@ class MarginStep:
         plain_target = self.head.scale * self.head.target_cosine(embeddings, labels)
         return identity_loss(logits, labels), wins_without_margin(logits, labels, plain_target)
 
-    def batch_loss(self, embeddings: tf.Tensor, labels: tf.Tensor,
-                   margins: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """The loss this replica differentiates (its samples' margin losses summed over the global batch size, so
-        that replicas' gradients sum to the global mean's), with identity_losses' per-sample losses and wins."""
-        per_sample, correct = self.identity_losses(embeddings, labels, margins)
-        return tf.reduce_sum(per_sample) / self.global_batch, per_sample, correct
+    def sample_weights(self, batch: dict[str, tf.Tensor], per_sample: tf.Tensor, commit: bool = True):
+        """Each sample's loss weight (None: all 1): the batch's `weight` times GroupDRO's, whose q moves only if
+        `commit` (the update that is applied, not a pseudo-update)."""
+        weights = batch.get("weight")
+        if self.group_dro is not None:
+            dro = self.group_dro.weights(batch, per_sample, self.global_batch, commit)
+            weights = dro if weights is None else weights * dro
+        return weights
 
-    def losses_and_gradients(self, images, labels, margins):
+    def batch_loss(self, embeddings: tf.Tensor, batch: dict[str, tf.Tensor], margins: tf.Tensor,
+                   extra_weights: tf.Tensor | None = None,
+                   commit: bool = True) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The loss this replica differentiates (its samples' weighted margin losses summed over the global batch
+        size, so that replicas' gradients sum to the global mean's), with identity_losses' per-sample losses and
+        wins. `extra_weights` multiply sample_weights (the meta step's learned weights)."""
+        per_sample, correct = self.identity_losses(embeddings, batch["identity"], margins)
+        weights = self.sample_weights(batch, per_sample, commit)
+        if extra_weights is not None:
+            weights = extra_weights if weights is None else tf.cast(weights, extra_weights.dtype) * extra_weights
+        weighted = per_sample if weights is None else per_sample * tf.cast(weights, per_sample.dtype)
+        return tf.reduce_sum(weighted) / self.global_batch, per_sample, correct
+
+    def losses_and_gradients(self, batch, margins):
         """Per-sample losses, correctness, the gradients of the global-batch mean (backbone, then head
         variables) and the new BN statistics."""
         trainable_values = [v.value for v in self.backbone.trainable_variables]
         head_variables = self.head_variables
         with tf.GradientTape() as tape:
             tape.watch(trainable_values)
-            embeddings, statistics = self.forward(images, trainable_values)
-            loss, per_sample, correct = self.batch_loss(embeddings, labels, margins)
+            embeddings, statistics = self.forward(batch["image"], trainable_values)
+            loss, per_sample, correct = self.batch_loss(embeddings, batch, margins)
             if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
                 loss = self.optimizer.scale_loss(loss)  # its apply_gradients unscales (and skips non-finite)
         gradients = tape.gradient(loss, trainable_values + head_variables)
@@ -113,7 +132,7 @@ class MarginStep:
         """One step on a training batch."""
         labels = batch["identity"]
         margins = self.margins(batch)
-        per_sample, correct, gradients, statistics = self.losses_and_gradients(batch["image"], labels, margins)
+        per_sample, correct, gradients, statistics = self.losses_and_gradients(batch, margins)
         applied = self.update(gradients, statistics, per_sample)
         sums = sums_of_samples(per_sample, correct, margins, applied if self.skip_nonfinite else None)
         return StepOutput(StepSums(images=tf.cast(tf.size(labels), tf.float32), identity=sums))
@@ -172,8 +191,9 @@ class ShardedMarginStep(MarginStep):
 
     def __init__(self, backbone: keras.Model, head: ShardedMarginHead, optimizer: keras.optimizers.Optimizer,
                  class_margins: tf.Tensor, global_batch: int, momentum: float, weight_decay: float,
-                 factor_offsets: dict[str, tf.Tensor] | None = None) -> None:
-        super().__init__(backbone, head, optimizer, class_margins, global_batch, factor_offsets=factor_offsets)
+                 factor_offsets: dict[str, tf.Tensor] | None = None, group_dro: GroupDRO | None = None) -> None:
+        super().__init__(backbone, head, optimizer, class_margins, global_batch, factor_offsets=factor_offsets,
+                         group_dro=group_dro)
         self.momentum, self.weight_decay = momentum, weight_decay
 
     @property

@@ -49,7 +49,7 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
 
     runtime.configure(config.runtime)  # before TensorFlow runs its first op
     from mvcom_tf.data.tfrecord import DatasetError
-    from mvcom_tf.training.checkpoints import CheckpointError
+    from mvcom_tf.training.checkpoints import CheckpointError, SaveFailed
     from mvcom_tf.stages.build import build_stage, summarise_run
     from mvcom_tf.training import distribute, faults, loop
 
@@ -71,6 +71,12 @@ def main(argv: list[str], command: tuple[str, ...] = ()) -> int:
     except faults.WorkerLost as error:
         print(f"error: {error}", file=sys.stderr)
         return 4
+    except faults.DamagedInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 5
+    except SaveFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 6
     except faults.Preempted as stopped:
         print(f"stopped: {stopped}", file=sys.stderr)
         return 0

@@ -111,7 +111,7 @@ def small_backbone(sync_bn):
 
 
 def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False, sharded=False,
-          objective="variation", network="small"):
+          objective="variation", network="small", target="margins", weight_mix=1.0):
     """The meta step (mvcom_tf.stages.build's wiring) around a small backbone (or network="iresnet18", a narrow
     IResNet-18), in float64 under the float64 fixture; `sharded`: its identity centres split over the replicas
     (the same initial values)."""
@@ -119,7 +119,8 @@ def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=
         batch_size=BATCH, meta_batch_size=META, embedding_size=8, meta_lr_tau=tau, meta_inner_lr=ETA,
         residual_max=1e9, meta_scope=scope, factor_weights=weights, meta_sampling="random", variation_lr=0.1,
         momentum=0.9, weight_decay=0.0, meta_objective=objective, meta_images_per_identity=2, scale=SCALE,
-        lr=0.1, lr_steps=(), head_sharding="sharded" if sharded else "replicated")
+        lr=0.1, lr_steps=(), head_sharding="sharded" if sharded else "replicated", meta_target=target,
+        meta_weight_mix=weight_mix)
     keras.utils.set_random_seed(1)
     with strategy.scope():
         backbone = (build_iresnet("iresnet18", SIZE, 8, width_multiplier=0.0625, sync_bn=sync_bn)
@@ -131,3 +132,23 @@ def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=
         for layer in meta_step.variation_heads.classifiers.values():  # non-trivial heads: every factor's loss has a gradient
             layer.kernel.assign(np.random.default_rng(2).normal(0, 1, layer.kernel.shape))
     return meta_step
+
+
+def run_per_replica(strategy, fn, batch, meta):
+    """fn(batch, meta) under tf.function, each replica on its slice of both batches; every output (a tensor or a
+    tuple of them) concatenated over the replicas, as numpy."""
+    replicas = strategy.num_replicas_in_sync
+
+    def slice_of(data, context):
+        n = len(next(iter(data.values()))) // replicas
+        i = context.replica_id_in_sync_group
+        return {k: v[i * n:(i + 1) * n] for k, v in data.items()}
+
+    local_batch = strategy.experimental_distribute_values_from_function(lambda c: slice_of(batch, c))
+    local_meta = strategy.experimental_distribute_values_from_function(lambda c: slice_of(meta, c))
+    outputs = tf.function(lambda b, m: strategy.run(fn, args=(b, m)))(local_batch, local_meta)
+
+    def gathered(output):
+        return np.concatenate([t.numpy() for t in strategy.experimental_local_results(output)])
+
+    return tuple(gathered(output) for output in outputs) if isinstance(outputs, tuple) else gathered(outputs)

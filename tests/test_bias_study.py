@@ -91,7 +91,7 @@ def test_residual_summaries_match_numpy():
 
 
 def test_headroom_search_knobs_set_each_tail_share_and_scale_the_pretraining_schedule(tmp_path):
-    from benchmarks.bias import FULL, QUICK, pretrain_schedule, splits
+    from benchmarks.bias.data import FULL, QUICK, pretrain_schedule, splits
 
     # The default is the data of the finished study (benchmarks/results/bias.json made_by).
     assert synthetic.headroom_train_probs() == {"pose_probs": (0.0025, 0.0025, 0.0025, 0.985, 0.0025, 0.0025, 0.0025),
@@ -126,20 +126,31 @@ def test_paired_interval_by_hand():
 
 def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     out_dir = tmp_path / "bias"
-    # One arm beside cosface, for time: our objective, whose runs feed the mechanism and probe figures (the other
-    # arms differ by their flags: test_study_arms_pass_their_settings_to_the_stage_builder).
-    arms = ("mvcom_verification",)
+    # Four arms beside cosface, for time: learned margins (whose runs feed the mechanism and probe figures), learned
+    # weights, GroupDRO (state in the checkpoint) and the stacked arm (the other arms differ by their flags:
+    # test_study_arms_pass_their_settings_to_the_stage_builder).
+    arms = ("mvcom_verification", "mvcom_weights_verification", "groupdro", "resample+best")
     first = run_module(["-m", "benchmarks.bias", "--quick", f"--out_dir={out_dir}", f"--arms={','.join(arms)}"],
-                       timeout=900)
+                       timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads(first.stdout.strip().splitlines()[-1])
     assert report["seeds"] == [0, 1] and report["minutes"] > 0 and report["data"] == "headroom"
     assert report["made_by"]["train"]["occluder_opacity"] == synthetic.HEADROOM_STYLE["occluder_opacity"]
-    assert set(report["arms"]) == set(arms) and set(report["runs"]) == {"cosface", *arms}
+    # resample+best: the label-free arm (of the two MvCoM arms) with the better val score, on balanced resampling.
+    stacked = [arm for arm in report["arms"] if arm.startswith("resample+")]
+    assert len(stacked) == 1 and stacked[0].removeprefix("resample+") in arms
+    best = max((row for row in report["selection"] if row["step"] in ("mvcom_verification", "mvcom_weights_verification")),
+               key=lambda row: row["val_score"])
+    assert best["step"] == stacked[0].removeprefix("resample+")
+    assert set(report["arms"]) == {*arms[:3], *stacked} and set(report["runs"]) == {"cosface", *arms[:3], *stacked}
+    for arm, entry in report["arms"].items():
+        assert set(entry) == {"accuracy_diff", "accuracy_ci", "minutes", "reads", *schema.FACTORS}, arm
+        assert entry["minutes"] > 0 and entry["reads"] == ("none" if arm.startswith("mvcom") else "tail labels")
+        for factor in schema.FACTORS:
+            assert set(entry[factor]) == {f"{m}_{k}" for m in ("worst", "ser", "std") for k in ("diff", "ci")}
+    assert set(report["mechanism"]["mvcom_weights_verification"]) == {
+        "weight_per_class", "weight_tail_correlation_per_factor", "weight_tail_correlation_summed"}
     entry = report["arms"]["mvcom_verification"]
-    assert set(entry) == {"accuracy_diff", "accuracy_ci", *schema.FACTORS}
-    for factor in schema.FACTORS:
-        assert set(entry[factor]) == {f"{m}_{k}" for m in ("worst", "ser", "std") for k in ("diff", "ci")}
     # The interval recomputed from the test scores on disk: two seeds, t(0.975, 1) = 12.706.
     runs = report["runs"]
     scores = {arm: [json.load(open(out_dir / f"seed{s}" / runs[arm] / "test" / "results.json"))["synthetic:test"]
@@ -152,12 +163,13 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     pairs = read_pairs(str(out_dir / "data" / "test" / "pairs.csv"))
     assert report["min_pairs_per_group"] == min(int(np.sum(pairs[f] == c)) for f in schema.FACTORS
                                                 for c in range(schema.NUM_CLASSES[f]))
-    assert set(report["mechanism"]) == set(report["meta_signal"]) == {"mvcom_verification"}
+    assert set(report["meta_signal"]) == {"mvcom_verification"}
+    assert "mvcom_verification" in report["mechanism"] and "mvcom_weights_verification" in report["mechanism"]
     assert "tail_correlation_summed" in report["mechanism"]["mvcom_verification"]
     assert set(report["meta_signal"]["mvcom_verification"]) == {*schema.FACTORS, "any"}
     assert {"corr", "corr_ci", "tail_mean", "head_mean"} <= set(report["meta_signal"]["mvcom_verification"]["any"])
     assert "--meta_objective=verification" in open(out_dir / "seed0" / runs["mvcom_verification"] / "flags.txt").read()
-    assert report["command"].endswith("--quick --arms=mvcom_verification")
+    assert report["command"].endswith(f"--quick --arms={','.join(arms)}")
     assert (out_dir / "bias_differences.png").stat().st_size > 10_000
     # A killed study resumes: only the run without metrics.json trains again.
     kept = out_dir / "seed1" / runs["mvcom_verification"] / "metrics.json"
@@ -165,7 +177,7 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     kept_time = os.path.getmtime(kept)
     os.remove(removed)
     second = run_module(["-m", "benchmarks.bias", "--quick", f"--out_dir={out_dir}", f"--arms={','.join(arms)}"],
-                        timeout=900)
+                        timeout=1500)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "1 runs trained in this invocation" in second.stdout
     assert removed.exists() and os.path.getmtime(kept) == kept_time
@@ -173,27 +185,54 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
 
 
 def test_study_arms_pass_their_settings_to_the_stage_builder():
-    from benchmarks.bias import Arm
+    from benchmarks.bias.arms import Arm, grid_arms
     from mvcom_tf.config_flags import parse_config
     from mvcom_tf.stages.build import control_config, oracle_offsets
 
+    def config(arm):
+        return parse_config(["--train_data=x", *arm.flags("runs/seed0/pretrain")])
+
     histograms = {"pose": [1, 2, 3, 50, 3, 2, 1], "occlusion": [40, 1, 1, 1, 1], "blur": [30, 5, 2, 1],
                   "ethnicity": [5, 5, 30, 5]}
-    oracle = parse_config(["--train_data=x", *Arm("oracle", 7, delta=0.2).flags()])
+    oracle = config(Arm("oracle", 7, delta=0.2))
     assert oracle.meta.oracle_margin_deltas == (0.2,) * 4 and oracle.head.margin_prior == "constant"
     assert oracle.meta.tau == 0.0 and oracle.schedule("meta").epochs == 7
     offsets = oracle_offsets(oracle.meta, histograms)
     np.testing.assert_allclose(offsets["occlusion"].numpy(), [0.0, 0.2, 0.2, 0.2, 0.2])
     assert oracle_offsets(control_config(oracle).meta, histograms) == {}  # the CosFace control: none
-    resample = parse_config(["--train_data=x", *Arm("resample", 7).flags()])
+    head = config(Arm("oracle_head", 7, delta=0.1))
+    np.testing.assert_allclose(oracle_offsets(head.meta, histograms)["blur"].numpy(), [-0.1, 0.0, 0.0, 0.0])
+    resample = config(Arm("resample", 7))
     assert resample.data.train_sampling == "balanced" and resample.meta.oracle_margin_deltas == (0.0,) * 4
-    prior = parse_config(["--train_data=x", *Arm("prior", 7).flags()])
+    prior = config(Arm("prior", 7))
     assert prior.head.margin_prior == "volume" and prior.meta.tau == 0.0
-    mvcom = parse_config(["--train_data=x", *Arm("mvcom_variation", 7, tau=1e4, scope="output_block").flags()])
-    assert (mvcom.meta.objective, mvcom.meta.tau, mvcom.meta.scope, mvcom.meta.sampling) == (
-        "variation", 1e4, "output_block", "hard")
+    mvcom = config(Arm("mvcom_variation", 7, tau=1e4, scope="output_block"))
+    assert (mvcom.meta.objective, mvcom.meta.tau, mvcom.meta.scope, mvcom.meta.sampling, mvcom.meta.target) == (
+        "variation", 1e4, "output_block", "hard", "margins")
+    weights = config(Arm("mvcom_weights_verification", 7, mix=0.5))
+    assert (weights.meta.target, weights.meta.weight_mix, weights.meta.objective, weights.head.margin_prior) == (
+        "weights", 0.5, "verification", "constant")
+    both = config(Arm("mvcom_both_verification", 7, tau=1e4, mix=0.5))
+    assert (both.meta.target, both.meta.tau, both.head.margin_prior) == ("both", 1e4, "volume")
+    jtt = config(Arm("jtt", 7, upweight=20))
+    assert (jtt.weighting.loss_weighting, jtt.weighting.error_set, jtt.weighting.error_set_upweight) == (
+        "error_set", "runs/seed0/pretrain/error_set.txt", 20.0)
+    dro = config(Arm("groupdro", 7, step_size=0.1))
+    assert (dro.weighting.loss_weighting, dro.weighting.groupdro_step_size) == ("groupdro", 0.1)
+    assert config(Arm("loss_weight", 7)).weighting.loss_weighting == "balanced"
+    stacked = config(Arm("resample+jtt", 7, upweight=5))
+    assert stacked.data.train_sampling == "balanced" and stacked.weighting.loss_weighting == "error_set"
+    # The CosFace control of any arm: plain CosFace, natural stream, no weights.
+    control = control_config(stacked)
+    assert (control.data.train_sampling, control.weighting.loss_weighting, control.meta.target) == (
+        "natural", "none", "margins")
     assert Arm("oracle", 7, delta=0.2).name == "oracle-delta0.2-e7"
     assert Arm("mvcom_variation", 7, tau=1e4).name == "mvcom_variation-tau10000-output_block-e7"
+    assert Arm("resample+jtt", 7, upweight=5).name == "resample+jtt-upweight5-e7"
+    assert [arm.name for arm in grid_arms("mvcom_both_verification", 7, {"tau": (1e4, 1e5), "mix": (0.5,)},
+                                          "output_block")] == [
+        "mvcom_both_verification-tau10000-mix0.5-output_block-e7",
+        "mvcom_both_verification-tau100000-mix0.5-output_block-e7"]
     refused = run_module(["-m", "benchmarks.bias", "--oracle_deltas=0.5,0"])
     assert refused.returncode == 1 and "--oracle_deltas must be numbers above 0" in refused.stderr
 

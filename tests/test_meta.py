@@ -10,29 +10,15 @@ from mvcom_tf.losses.contrastive import class_balanced_sums, contrastive_losses
 from mvcom_tf.losses.margins import class_aware_margins
 from mvcom_tf.training.distribute import make_strategy
 from mvcom_tf.meta.sampling import select_meta_batch
-from tests.helpers import BATCH, ETA, META, SCALE, build, make_batches
+from tests.helpers import BATCH, ETA, META, SCALE, build, make_batches, run_per_replica
 
 
 def residuals_under(strategy, meta_step, batch, meta):
     """r [B, 4] computed per replica (each replica gets its slice of both batches)."""
-    replicas = strategy.num_replicas_in_sync
+    def residuals(b, m):
+        return meta_step.residuals(b, m, meta_step.margin_step.margins(b), meta_step.trunk_features(m))[0]
 
-    def slice_of(data, context):
-        n = len(next(iter(data.values()))) // replicas
-        i = context.replica_id_in_sync_group
-        return {k: v[i * n:(i + 1) * n] for k, v in data.items()}
-
-    local_batch = strategy.experimental_distribute_values_from_function(lambda c: slice_of(batch, c))
-    local_meta = strategy.experimental_distribute_values_from_function(lambda c: slice_of(meta, c))
-
-    @tf.function
-    def run(b, m):
-        def fn(b, m):
-            prior = meta_step.margin_step.margins(b)
-            return meta_step.residuals(b, m, prior, meta_step.trunk_features(m))[0]
-        return strategy.run(fn, args=(b, m))
-
-    return np.concatenate([r.numpy() for r in strategy.experimental_local_results(run(local_batch, local_meta))])
+    return run_per_replica(strategy, residuals, batch, meta)
 
 
 def features_after_pseudo_update(meta_step, batch, meta, margins):

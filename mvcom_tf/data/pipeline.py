@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.data import schema
+from mvcom_tf.data.sample_weights import class_weight, class_weight_tables
+from mvcom_tf.data.shard_checks import CorruptRecords
 from mvcom_tf.data.tfrecord import DatasetInfo, shard_paths
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -90,23 +91,16 @@ def balanced_acceptance(histograms: dict[str, list[int]]):
     represented, the tail ones many times more often than in the natural stream. An unknown label
     weighs 1. Costs a read of about max / mean records per record kept.
     """
-    tables, ceiling = [], 0.0
-    for factor in schema.FACTORS:
-        counts = np.asarray(histograms[factor], np.float64)
-        weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
-        tables.append(tf.constant(np.append(weights, 1.0), tf.float32))  # index -1: unknown
-        ceiling += max(weights.max(), 1.0) / len(schema.FACTORS)  # 1: a factor no record is labelled with
-
-    def probability(features: dict[str, tf.Tensor]) -> tf.Tensor:
-        weight = tf.add_n([tf.gather(table, tf.where(features[factor] >= 0, features[factor], len(table) - 1))
-                           for table, factor in zip(tables, schema.FACTORS)])
-        return weight / len(schema.FACTORS) / ceiling
-
-    return probability
+    tables = class_weight_tables(histograms)
+    # 1: a factor no record is labelled with (its unknown entry).
+    ceiling = sum(max(table[:-1].max(initial=0.0), 1.0) for table in tables) / len(schema.FACTORS)
+    return lambda features: class_weight(tables, features) / ceiling
 
 
-def _read_and_decode(serialized: tf.Tensor, image_size: int) -> dict[str, tf.Tensor]:
+def _read_and_decode(serialized: tf.Tensor, image_size: int, sample_weight=None) -> dict[str, tf.Tensor]:
     features = schema.parse_record(serialized)
+    if sample_weight is not None:
+        features["weight"] = sample_weight(features)
     features.pop("source")
     ok = looks_complete(features["image"])
     features["image"] = tf.cond(ok, lambda: decode_image(features["image"], image_size),
@@ -130,6 +124,8 @@ def train_dataset(
     augment=None,
     keep_probability=None,
     group_size: int = 1,
+    sample_weight=None,
+    corrupt: CorruptRecords | None = None,
 ) -> tf.data.Dataset:
     """One epoch's batches (repeated if decode failures shorten it) for one input pipeline.
 
@@ -138,8 +134,11 @@ def train_dataset(
     `keep_probability` (balanced_acceptance): records are kept at random with that probability.
     `group_size` K > 1: batches are runs of K images of one identity (P x K batches for the verification
     meta objective); `batch_size` must be a multiple of K.
+    `sample_weight` (DataWeighting.weight_fn): each record's loss weight, as the batch's `weight`.
+    `corrupt` (--skip_corrupt_records): each shard read up to its first damaged record, the rest counted as lost.
     """
-    files = tf.data.Dataset.from_tensor_slices(shard_paths(data_dir, info))
+    counts = [int(shard["num_images"]) for shard in info.shards]
+    files = tf.data.Dataset.from_tensor_slices((shard_paths(data_dir, info), counts))
     files = files.shuffle(len(info.shards), seed=seed + epoch, reshuffle_each_iteration=False)
     records = None
     if input_context and input_context.num_input_pipelines > 1:
@@ -147,7 +146,8 @@ def train_dataset(
             files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         else:
             records = "shard"
-    dataset = files.interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(info.shards)),
+    read = corrupt.read if corrupt is not None else (lambda path, expected: tf.data.TFRecordDataset(path))
+    dataset = files.interleave(read, cycle_length=min(16, len(info.shards)),
                                block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
     if records == "shard":
         dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -164,7 +164,7 @@ def train_dataset(
         dataset = dataset.repeat().enumerate().filter(keep).skip(skip_records)
 
     def prepare(index, serialized):
-        features = _read_and_decode(serialized, image_size)
+        features = _read_and_decode(serialized, image_size, sample_weight)
         element_seed = _element_seed(seed, epoch, index)
         features = random_flip(features, element_seed)
         if augment is not None:

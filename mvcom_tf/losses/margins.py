@@ -40,17 +40,22 @@ def head_classes(histograms: dict[str, list[int]]) -> dict[str, int]:
     return {factor: int(np.argmax(counts)) for factor, counts in histograms.items()}
 
 
-def tail_class_offsets(histograms: dict[str, list[int]], deltas: dict[str, float]) -> dict[str, np.ndarray]:
-    """Per factor k, a margin offset per class: delta_k for every class but the head class, 0 for it.
+def tail_class_offsets(histograms: dict[str, list[int]], deltas: dict[str, float],
+                       side: str = "tail") -> dict[str, np.ndarray]:
+    """Per factor k, a margin offset per class: side `tail`, delta_k for every class but the head class and 0 for
+    it; side `head`, -delta_k for the head class and 0 for the others.
 
-    The bias study's oracle arm: margins from the ground-truth variation labels of each sample.
+    The bias study's oracle arms: margins from the ground-truth variation labels of each sample.
     """
+    if side not in ("tail", "head"):
+        raise ValueError(f"unknown oracle side {side!r}; expected tail or head")
     heads = head_classes(histograms)
     offsets = {}
     for factor, delta in deltas.items():
         if delta:
-            offsets[factor] = np.full(len(histograms[factor]), delta, np.float32)
-            offsets[factor][heads[factor]] = 0.0
+            is_head = np.arange(len(histograms[factor])) == heads[factor]
+            offsets[factor] = np.where(is_head if side == "head" else ~is_head,
+                                       -delta if side == "head" else delta, 0.0).astype(np.float32)
     return offsets
 
 

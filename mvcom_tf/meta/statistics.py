@@ -41,11 +41,14 @@ class TailSums(NamedTuple):
 
 
 class MetaSums(NamedTuple):
-    """StepSums.stage of the meta stage (residuals and tail: absent in its warm-ups)."""
+    """StepSums.stage of the meta stage (residuals and tail: absent in its warm-ups; weight and weight_tail: the
+    learned loss weights of --meta_target weights or both, in every factor's columns alike)."""
 
     variation: VariationSums
     residual: ResidualSums | tuple = ()
     tail: TailSums | tuple = ()
+    weight: ResidualSums | tuple = ()
+    weight_tail: TailSums | tuple = ()
 
 
 class MetaSamples(NamedTuple):
@@ -94,21 +97,23 @@ def correlation(count, sum_x, sum_x_sq, sum_t, sum_xt) -> float:
     return float(covariance / denominator) if denominator > 0 else float("nan")
 
 
-def class_residual_summary(factor: str, sums: ResidualSums, head: int | None) -> dict[str, float]:
-    """Per class of a factor: the mean residual (`margin/<factor>/<class>`), its standard error and count;
-    with the factor's head class known, the correlation of r^k with membership of the factor's tail."""
+def class_residual_summary(factor: str, sums: ResidualSums, head: int | None,
+                           name: str = "margin") -> dict[str, float]:
+    """Per class of a factor: the mean residual (`margin/<factor>/<class>`; `name` = weight: the mean learned
+    weight), its standard error and count; with the factor's head class known, the correlation of r^k with
+    membership of the factor's tail (`tail/<factor>/correlation`, or `weight_tail/...`)."""
     totals, squares, counts = sums.by_class[factor], sums.by_class_sq[factor], sums.count[factor]
     scalars = {}
     for cls in range(schema.NUM_CLASSES[factor]):
         if counts[cls]:
             mean, std = mean_and_std(totals[cls], squares[cls], counts[cls])
-            scalars[f"margin/{factor}/{cls}"] = mean
+            scalars[f"{name}/{factor}/{cls}"] = mean
             # std divides by n: sqrt(var_n / (n - 1)) is the standard error of the mean.
-            scalars[f"margin_se/{factor}/{cls}"] = float(std / np.sqrt(max(counts[cls] - 1, 1)))
-            scalars[f"margin_count/{factor}/{cls}"] = float(counts[cls])
+            scalars[f"{name}_se/{factor}/{cls}"] = float(std / np.sqrt(max(counts[cls] - 1, 1)))
+            scalars[f"{name}_count/{factor}/{cls}"] = float(counts[cls])
     if head is not None:
         tail = np.arange(len(counts)) != head
-        scalars[f"tail/{factor}/correlation"] = correlation(
+        scalars[f"{'tail' if name == 'margin' else name + '_tail'}/{factor}/correlation"] = correlation(
             counts.sum(), totals.sum(), squares.sum(), counts[tail].sum(), totals[tail].sum())
     return scalars
 
@@ -127,7 +132,9 @@ def meta_scalars(sums: MetaSums, head_classes: dict[str, int]) -> dict[str, floa
             _, std = mean_and_std(residual.total[factor], residual.total_sq[factor], float(residual.samples))
             scalars[f"residual/{factor}/std"] = std
             scalars.update(class_residual_summary(factor, sums.residual, head_classes.get(factor)))
-    if sums.tail:
-        tail = sums.tail
-        scalars["tail/correlation"] = correlation(tail.count, tail.r, tail.r_sq, tail.t, tail.rt)
+        if sums.weight:
+            scalars.update(class_residual_summary(factor, sums.weight, head_classes.get(factor), name="weight"))
+    for key, tail in (("tail/correlation", sums.tail), ("weight_tail/correlation", sums.weight_tail)):
+        if tail:
+            scalars[key] = correlation(tail.count, tail.r, tail.r_sq, tail.t, tail.rt)
     return scalars

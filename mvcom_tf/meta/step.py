@@ -6,8 +6,11 @@ One iteration, per replica, for a training batch T and a meta batch V:
       `stateless_call`; the BatchNorm statistics of that pass are dropped.
   (c) meta update (Eq. 13): r^k = clip(-tau * w_k * dL_var^k(V; Omega~) / dr^k, +-r_max), the
       derivative taken through Omega~ (second order: the inner tape's gradient is recorded
-      by the outer tape).
-  (d) real update (Eq. 14): the optimizer steps on L(T; m_y + sum_k r^k), its backbone gradient
+      by the outer tape). With --meta_target=weights (or both) the same pseudo-update also gives
+      each sample a loss weight, as learning to reweight (Ren et al. 2018) does: the training
+      loss weighs sample j by 1 + eps_j, and w_j = max(-dL_meta/d eps_j, 0) at eps = 0,
+      normalised to mean 1 over the global batch.
+  (d) real update (Eq. 14): the optimizer steps on L(T; m_y + sum_k r^k) (weighted by w), its backbone gradient
       obtained by replaying the backward pass recorded in (b) with the new output gradient.
   (e) the variation heads learn on V at the current Omega, features stop-gradient.
 Under MirroredStrategy the pseudo update uses the all-reduced gradient, exactly as one device
@@ -39,6 +42,8 @@ from mvcom_tf.training.metrics import StepOutput, StepSums, sums_of_samples
 META_SCOPES = ("all", "output_block")
 # What the residuals descend on V (step c): Eq. 13's variation losses, or our verification objective.
 META_OBJECTIVES = ("variation", "verification")
+# What the meta-gradient learns per training sample (step c): margin residuals (the paper), loss weights, or both.
+META_TARGETS = ("margins", "weights", "both")
 # Faces of each replica's batch drawn with their residuals (the seed's Fig. 6) in TensorBoard.
 FIGURE_FACES = 4
 
@@ -101,6 +106,8 @@ class MetaStep:
         `contrastive_scale`."""
         if settings.scope not in META_SCOPES:
             raise ValueError(f"unknown meta scope {settings.scope!r}; expected one of {META_SCOPES}")
+        if settings.target not in META_TARGETS:
+            raise ValueError(f"unknown meta target {settings.target!r}; expected one of {META_TARGETS}")
         if settings.objective not in META_OBJECTIVES:
             raise ValueError(f"unknown meta objective {settings.objective!r}; expected one of {META_OBJECTIVES}")
         if settings.batch_size <= 0 or settings.batch_size % replicas:
@@ -164,37 +171,64 @@ class MetaStep:
         paths = [v.path for v in step.backbone.trainable_variables]
         return self.output_block(trunk_features, dict(zip(paths, pseudo_weights)))
 
-    def residuals(self, batch, meta_batch, prior, trunk_features=None) -> tuple[tf.Tensor, RecordedForward]:
-        """Steps (a)-(c): r [B, factors], and the recorded forward pass the real update replays."""
+    def meta_gradients(self, batch, meta_batch, prior,
+                       trunk_features=None) -> tuple[tf.Tensor | None, tf.Tensor | None, RecordedForward]:
+        """Steps (a)-(c)'s derivatives through one pseudo-update: per factor k, dL^k_meta/dm_j [B, factors]
+        (--meta_target margins or both, else None); dL_meta/d eps_j [B] of a loss weight 1 + eps_j at eps = 0,
+        L_meta = sum_k w_k L^k_meta (weights or both, else None); and the recorded forward pass the real update
+        replays."""
         step = self.margin_step
-        images, labels = batch["image"], batch["identity"]
         weights = [v.value for v in step.backbone.trainable_variables]
-        zero = tf.zeros_like(prior)
+        zero, eps = tf.zeros_like(prior), tf.zeros_like(prior)
         context = tf.distribute.get_replica_context()
         with tf.GradientTape(persistent=True) as outer:
-            outer.watch(zero)
+            outer.watch([zero, eps])
             # r^k enters the margin only through sum_k r^k, so dL/dr^k = dL/d(sum): one watched zero suffices.
             margins = prior + zero
             with tf.GradientTape(persistent=True) as inner:
                 inner.watch(weights)
-                embeddings, statistics = step.forward(images, weights)
-                loss, _, _ = step.batch_loss(embeddings, labels, margins)
+                embeddings, statistics = step.forward(batch["image"], weights)
+                loss, _, _ = step.batch_loss(embeddings, batch, margins, extra_weights=1.0 + eps, commit=False)
             gradients = inner.gradient(loss, [w for w, chosen in zip(weights, self.pseudo_mask) if chosen])
             if context is not None and context.num_replicas_in_sync > 1:
                 gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
             pseudo = pseudo_update(weights, gradients, self.pseudo_mask, self.eta())
             losses = self.meta_objective(self.meta_embeddings(meta_batch, pseudo, trunk_features), meta_batch)
-        columns = []
-        for factor in schema.FACTORS:
-            weight = self.factor_weights[factor]
-            if weight == 0:
-                columns.append(tf.zeros_like(prior))
-                continue
-            derivative = outer.gradient(losses[factor], zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            columns.append(tf.clip_by_value(-self.settings.tau * weight * derivative, -self.settings.residual_max,
-                                            self.settings.residual_max))
+            weighted = [self.factor_weights[f] * losses[f] for f in schema.FACTORS if self.factor_weights[f]]
+            total = tf.add_n(weighted) if weighted else tf.zeros([], prior.dtype)
+        margin_derivatives = weight_derivative = None
+        if self.learns_margins:
+            margin_derivatives = tf.stack([
+                outer.gradient(losses[factor], zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                if self.factor_weights[factor] else tf.zeros_like(prior) for factor in schema.FACTORS], axis=1)
+        if self.learns_weights:
+            weight_derivative = outer.gradient(total, eps, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         del outer
-        return tf.stack(columns, axis=1), RecordedForward(inner, weights, embeddings, statistics)
+        return margin_derivatives, weight_derivative, RecordedForward(inner, weights, embeddings, statistics)
+
+    def residuals_from(self, margin_derivatives: tf.Tensor) -> tf.Tensor:
+        """Eq. 13's residuals r^k_j = clip(-tau w_k dL^k/dm_j, +-r_max) [B, factors]."""
+        factor_weights = tf.constant([self.factor_weights[f] for f in schema.FACTORS], margin_derivatives.dtype)
+        limit = self.settings.residual_max
+        return tf.clip_by_value(-self.settings.tau * factor_weights * margin_derivatives, -limit, limit)
+
+    def weights_from(self, weight_derivative: tf.Tensor) -> tf.Tensor:
+        """Learning to reweight's loss weights [B]: max(-dL_meta/d eps_j, 0) normalised to mean 1 over the global
+        batch (all 1 where every derivative is >= 0), mixed with 1 by --meta_weight_mix."""
+        raw = tf.nn.relu(-weight_derivative)
+        total = tf.reduce_sum(raw)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
+        count = tf.cast(self.margin_step.global_batch, raw.dtype)
+        learned = tf.where(total > 0, raw * count / tf.where(total > 0, total, 1.0), tf.ones_like(raw))
+        mix = self.settings.weight_mix
+        return (1.0 - mix) + mix * learned
+
+    def residuals(self, batch, meta_batch, prior, trunk_features=None) -> tuple[tf.Tensor, RecordedForward]:
+        """Steps (a)-(c): r [B, factors], and the recorded forward pass the real update replays."""
+        margin_derivatives, _, recorded = self.meta_gradients(batch, meta_batch, prior, trunk_features)
+        return self.residuals_from(margin_derivatives), recorded
 
     def recorded_forward(self, batch) -> RecordedForward:
         """The forward pass on T under a tape, for a real update with no residuals to learn (tau = 0)."""
@@ -206,19 +240,25 @@ class MetaStep:
         return RecordedForward(tape, weights, embeddings, statistics)
 
     @property
-    def learns_residuals(self) -> bool:
-        """False when tau or every factor weight is 0: the residuals are then 0 and not computed."""
-        return self.settings.tau != 0 and any(weight != 0 for weight in self.factor_weights.values())
+    def learns_margins(self) -> bool:
+        """Whether residuals are learned: --meta_target margins or both, tau and some factor weight not 0."""
+        return (self.settings.target in ("margins", "both") and self.settings.tau != 0
+                and any(weight != 0 for weight in self.factor_weights.values()))
 
-    def real_update(self, batch, margins, recorded: RecordedForward):
-        """Step (d): gradients at the final margins, the backbone's by replaying the recorded backward pass."""
+    @property
+    def learns_weights(self) -> bool:
+        """Whether loss weights are learned: --meta_target weights or both, some factor weight not 0."""
+        return self.settings.target in ("weights", "both") and any(w != 0 for w in self.factor_weights.values())
+
+    def real_update(self, batch, margins, recorded: RecordedForward, weights: tf.Tensor | None = None):
+        """Step (d): gradients at the final margins (and learned loss weights), the backbone's by replaying the
+        recorded backward pass."""
         step = self.margin_step
-        labels = batch["identity"]
         features = tf.stop_gradient(recorded.embeddings)
         head_variables = step.head_variables
         with tf.GradientTape() as tape:
             tape.watch(features)
-            loss, per_sample, correct = step.batch_loss(features, labels, margins)
+            loss, per_sample, correct = step.batch_loss(features, batch, margins, extra_weights=weights)
         feature_gradient, *head_gradients = tape.gradient(loss, [features, *head_variables])
         backbone_gradients = recorded.tape.gradient(recorded.embeddings, recorded.weights,
                                                     output_gradients=feature_gradient)
@@ -256,16 +296,27 @@ class MetaStep:
         prior = self.margin_step.margins(batch)
         meta_batch = self.select(batch, meta_pool)
         trunk_features = self.trunk_features(meta_batch)
-        if self.learns_residuals:
-            residuals, recorded = self.residuals(batch, meta_batch, prior, trunk_features)
+        residuals = tf.zeros([tf.shape(prior)[0], len(schema.FACTORS)], prior.dtype)
+        weights = None
+        if self.learns_margins or self.learns_weights:
+            margin_derivatives, weight_derivative, recorded = self.meta_gradients(batch, meta_batch, prior,
+                                                                                  trunk_features)
+            if margin_derivatives is not None:
+                residuals = self.residuals_from(margin_derivatives)
+            if weight_derivative is not None:
+                weights = self.weights_from(weight_derivative)
         else:
-            residuals = tf.zeros([tf.shape(prior)[0], len(schema.FACTORS)], prior.dtype)
             recorded = self.recorded_forward(batch)
         margins = prior + tf.reduce_sum(residuals, axis=1)
-        per_sample, correct, applied = self.real_update(batch, margins, recorded)
+        per_sample, correct, applied = self.real_update(batch, margins, recorded, weights)
         identity = sums_of_samples(per_sample, correct, margins, applied if self.margin_step.skip_nonfinite else None)
+        weight_column = None if weights is None else weights[:, None]
         stage = MetaSums(self.heads_update(meta_batch, trunk_features), residual_sums(residuals, batch),
-                         tail_sums(residuals, batch, self.head_classes) if self.head_classes else ())
+                         tail_sums(residuals, batch, self.head_classes) if self.head_classes else (),
+                         () if weights is None else residual_sums(tf.tile(weight_column, [1, len(schema.FACTORS)]),
+                                                                  batch),
+                         tail_sums(weight_column, batch, self.head_classes) if weights is not None
+                         and self.head_classes else ())
         samples = MetaSamples(margin=margins, faces=batch["image"][:FIGURE_FACES],
                               residual={factor: residuals[:, k] for k, factor in enumerate(schema.FACTORS)})
         return StepOutput(StepSums(_images(batch), identity, stage), samples)
@@ -281,9 +332,9 @@ class MetaStep:
         its BatchNorm in inference mode, the head trained on the margin loss by its own optimizer."""
         step = self.margin_step
         features = tf.stop_gradient(step.backbone(batch["image"], training=False))
-        labels, margins = batch["identity"], step.margins(batch)
+        margins = step.margins(batch)
         with tf.GradientTape() as tape:
-            loss, per_sample, correct = step.batch_loss(features, labels, margins)
+            loss, per_sample, correct = step.batch_loss(features, batch, margins)
         gradients = tape.gradient(loss, step.head.trainable_variables)
         self.identity_head_optimizer.apply_gradients(zip(gradients, step.head.trainable_variables))
         return StepOutput(StepSums(_images(batch), sums_of_samples(per_sample, correct, margins)))

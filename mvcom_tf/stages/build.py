@@ -14,10 +14,12 @@ import tensorflow as tf
 from absl import logging
 
 from mvcom_tf.config import (IdentityHeadConfig, MetaConfig, ModelConfig, OptimizerConfig, Schedule,
-                             TrainConfig)
+                             TrainConfig, WeightingConfig)
 from mvcom_tf.data import schema
+from mvcom_tf.data.sample_weights import DATA_WEIGHTINGS, DataWeighting
 from mvcom_tf.data.tfrecord import DatasetInfo
 from mvcom_tf.evaluation.metrics import result_difference
+from mvcom_tf.losses.group_dro import GroupDRO
 from mvcom_tf.losses.margins import class_aware_margins, head_classes, tail_class_offsets
 from mvcom_tf.meta.step import MetaStep
 from mvcom_tf.models.heads import MarginHead, VariationHeads, centre_initializer
@@ -33,8 +35,9 @@ from mvcom_tf.training.stage import Stage
 def control_config(config: TrainConfig) -> TrainConfig:
     """The finetune stage's settings: the meta stage's, with a constant margin and no residuals (tau = 0 takes
     exactly the plain margin steps), so MvCoM is credited only with its difference from it."""
-    return config.with_flags(margin_prior="constant", meta_lr_tau=0.0,
-                             oracle_margin_deltas=(0.0,) * len(config.meta.oracle_margin_deltas))
+    return config.with_flags(margin_prior="constant", meta_lr_tau=0.0, meta_target="margins",
+                             oracle_margin_deltas=(0.0,) * len(config.meta.oracle_margin_deltas),
+                             loss_weighting="none", train_sampling="natural")
 
 
 def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy) -> Stage:
@@ -43,19 +46,28 @@ def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy
         config = control_config(config)
     data, seed = config.data, config.runtime.seed
     train = read_input("train_data", data.train_data, config.optimizer.batch_size, seed)
-    train = dataclasses.replace(train, balanced=data.train_sampling == "balanced")
     schedule = config.schedule(name)
     info = train.info
     log_head_footprint(config, info.num_identities, strategy.num_replicas_in_sync)
     pretrain = name == "pretrain"
+    # Margin priors, oracle offsets and loss weights are the fine-tuning stages' (pre-training is plain CosFace).
+    weighting = WeightingConfig() if pretrain else config.weighting
+    train = dataclasses.replace(train, balanced=data.train_sampling == "balanced",
+                                weighting=data_weighting(weighting))
+    group_dro = None
+    if weighting.loss_weighting == "groupdro":
+        with strategy.scope():
+            group_dro = GroupDRO(weighting.groupdro_step_size)
     if pretrain:
         margins, offsets = constant_margins(config.head.margin, info.num_identities), {}
     else:
         margins, offsets = prior_margins(config.head, info), oracle_offsets(config.meta, info.histograms)
     margin_step = build_margin_step(config, info.num_identities, margins, strategy,
-                                    steps_per_epoch=train.steps_per_epoch, schedule=schedule, offsets=offsets)
+                                    steps_per_epoch=train.steps_per_epoch, schedule=schedule, offsets=offsets,
+                                    group_dro=group_dro)
     common = dict(name=name, schedule=schedule, backbone=margin_step.backbone, head=margin_step.checkpointed_head,
-                  optimizer=margin_step.optimizer, train=train)
+                  optimizer=margin_step.optimizer, train=train,
+                  own_trackables={"group_dro": group_dro} if group_dro else {})
     if pretrain:
         return PretrainStage(**common, margin_step=margin_step)
     with strategy.scope():
@@ -64,8 +76,8 @@ def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy
     pool = config.global_meta_batch * (meta.pool_factor if meta.sampling == "hard" else 1)
     meta_input = read_input("meta_data", data.meta_data, config.global_meta_batch, seed + 1)
     meta_pool = dataclasses.replace(meta_input, global_batch=pool, group_size=meta.group_size)
-    return MetaStage(**common, meta_step=meta_step, meta_pool=meta_pool,
-                     trackables=trackables, head_warmup_steps=meta.head_warmup_steps,
+    common["own_trackables"] = {**common["own_trackables"], **trackables}
+    return MetaStage(**common, meta_step=meta_step, meta_pool=meta_pool, head_warmup_steps=meta.head_warmup_steps,
                      variation_warmup_steps=meta.variation_warmup_steps)
 
 
@@ -85,10 +97,11 @@ def summarise_run(stage_metrics: dict) -> dict:
 def build_margin_step(config: TrainConfig, num_identities: int, margins: tf.Tensor,
                       strategy: tf.distribute.Strategy | None = None, *, steps_per_epoch: int = 1,
                       schedule: Schedule | None = None, offsets: dict[str, tf.Tensor] | None = None,
-                      backbone: keras.Model | None = None) -> MarginStep:
+                      backbone: keras.Model | None = None, group_dro: GroupDRO | None = None) -> MarginStep:
     """The identity margin step: the backbone (built from --backbone... unless given, in the scope), the identity
     head (replicated, or sharded over the replicas by --head_sharding) and SGD on `schedule` (default: the
-    pretrain stage's); `margins` per identity, `offsets` per variation class (the oracle)."""
+    pretrain stage's); `margins` per identity, `offsets` per variation class (the oracle), `group_dro` GroupDRO's
+    loss weights."""
     strategy = strategy or tf.distribute.get_strategy()
     schedule = schedule or config.pretrain
     head_config, batch = config.head, config.optimizer.batch_size
@@ -108,9 +121,17 @@ def build_margin_step(config: TrainConfig, num_identities: int, margins: tf.Tens
                                     loss_scaling=config.runtime.mixed_precision == "float16")
     if head_config.sharding == "sharded":
         return ShardedMarginStep(backbone, head, optimizer, margins, batch, config.optimizer.momentum,
-                                 config.optimizer.weight_decay, factor_offsets=offsets)
+                                 config.optimizer.weight_decay, factor_offsets=offsets, group_dro=group_dro)
     return MarginStep(backbone, head, optimizer, margins, batch, skip_nonfinite=config.runtime.nan_policy == "skip",
-                      factor_offsets=offsets)
+                      factor_offsets=offsets, group_dro=group_dro)
+
+
+def data_weighting(weighting: WeightingConfig) -> DataWeighting | None:
+    """The per-record loss weights the input pipeline computes for --loss_weighting (None: none, or GroupDRO's,
+    which the step computes)."""
+    if weighting.loss_weighting not in DATA_WEIGHTINGS:
+        return None
+    return DataWeighting(weighting.loss_weighting, weighting.error_set, weighting.error_set_upweight)
 
 
 def sharded_head(config: TrainConfig, num_identities: int, strategy: tf.distribute.Strategy) -> ShardedMarginHead:
@@ -170,7 +191,7 @@ def oracle_offsets(meta: MetaConfig, histograms: dict[str, list[int]]) -> dict[s
     """The bias study's oracle: --oracle_margin_deltas added for the tail classes of each factor ({}: none)."""
     deltas = dict(zip(schema.FACTORS, meta.oracle_margin_deltas))
     return {factor: tf.constant(values, keras.config.floatx())
-            for factor, values in tail_class_offsets(histograms, deltas).items()}
+            for factor, values in tail_class_offsets(histograms, deltas, meta.oracle_side).items()}
 
 
 def build_meta_step(config: TrainConfig, margin_step: MarginStep, histograms: dict[str, list[int]],

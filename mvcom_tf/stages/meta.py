@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
@@ -23,17 +22,14 @@ class MetaStage(Stage):
     # A fine-tuning: the run's next fine-tuning (MvCoM after its CosFace control) starts from the same pre-training.
     later_stages_start_here = False
 
-    def __init__(self, *args, meta_step: MetaStep, meta_pool: InputSpec, trackables: dict[str, Any],
+    def __init__(self, *args, meta_step: MetaStep, meta_pool: InputSpec,
                  head_warmup_steps: int, variation_warmup_steps: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.meta_step, self.meta_pool, self.own_trackables = meta_step, meta_pool, trackables
+        self.meta_step, self.meta_pool = meta_step, meta_pool
         self.head_warmup_steps, self.variation_warmup_steps = head_warmup_steps, variation_warmup_steps
 
     def inputs(self) -> list[InputSpec]:
         return [self.train, self.meta_pool]
-
-    def trackables(self) -> dict[str, Any]:
-        return {**super().trackables(), **self.own_trackables}
 
     def replica_step(self, step: int) -> ReplicaStep:
         if step < self.head_warmup_steps:

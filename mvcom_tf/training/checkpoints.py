@@ -11,6 +11,10 @@ from absl import logging
 class CheckpointError(ValueError):
     """A checkpoint that cannot start this run (missing, or made for other data): the message says which and why."""
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, a folder that refuses writes): the message names the folder and
+    the last good checkpoint, which the same command resumes from once the cause is fixed."""
+
 # The identity centres W [E, C] in a checkpoint: a replicated head's kernel, or a sharded head's gathered one.
 HEAD_KERNELS = ("head/kernel/.ATTRIBUTES/VARIABLE_VALUE", "head/.ATTRIBUTES/kernel")
 
@@ -34,10 +38,33 @@ class StageCheckpoints:
         return self.manager.latest_checkpoint
 
     def save(self, step: int) -> None:
-        """Saves the state at `step` unless that step is already saved."""
+        """Saves the state at `step` unless that step is already saved; a failed save removes what it had written
+        and raises SaveFailed."""
         self.step.assign(step)
-        if not (self.latest or "").endswith(f"-{step}"):
+        if (self.latest or "").endswith(f"-{step}"):
+            return
+        last_good = self.latest
+        try:
             self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as error:
+            self._remove_partial(step)
+            reason = getattr(error, "message", None) or str(error)
+            raise SaveFailed(f"[{self.stage.name}] could not save step {step} to {self.manager.directory} "
+                             f"({type(error).__name__}: {reason.splitlines()[0][:160]}); the last good checkpoint is "
+                             f"{last_good or 'none (the stage had saved none)'}. Free space or fix the folder, then "
+                             "run the same command to resume from it") from None
+
+    def _remove_partial(self, step: int) -> None:
+        """What a failed save of `step` leaves: TensorFlow's temporary folder and any of the step's files."""
+        prefix = posixpath.join(self.manager.directory, f"ckpt-{step}")
+        for path in tf.io.gfile.glob(f"{prefix}_temp*") + tf.io.gfile.glob(f"{prefix}.*"):
+            try:
+                if tf.io.gfile.isdir(path):
+                    tf.io.gfile.rmtree(path)
+                else:
+                    tf.io.gfile.remove(path)
+            except (tf.errors.OpError, OSError) as error:
+                logging.warning("[%s] could not remove %s after the failed save: %s", self.stage.name, path, error)
 
     def restore(self, resume_dir: str, init_checkpoint: str) -> int:
         """Resumes from the last checkpoint in resume_dir, or starts from --init_checkpoint's backbone and head;

@@ -12,6 +12,8 @@ import tensorflow as tf
 
 from mvcom_tf.data.pipeline import DecodeFailures, balanced_acceptance, train_dataset
 from mvcom_tf.data.augmentation import VariationAugmentation
+from mvcom_tf.data.sample_weights import DataWeighting
+from mvcom_tf.data.shard_checks import CorruptRecords
 from mvcom_tf.data.tfrecord import DatasetError, DatasetInfo, read_info
 
 
@@ -60,6 +62,7 @@ class InputSpec:
     seed: int
     balanced: bool = False  # --train_sampling=balanced: tail classes drawn as often as head ones
     group_size: int = 1  # batches made of runs of this many images of one identity (P x K batches)
+    weighting: DataWeighting | None = None  # --loss_weighting's per-record weights, as the batches' `weight`
 
     @property
     def steps_per_epoch(self) -> int:
@@ -103,14 +106,15 @@ def retire(iterators) -> None:
 
 
 def distributed_batches(strategy: tf.distribute.Strategy, spec: InputSpec, options: InputOptions,
-                        steps: range, steps_per_epoch: int, failures: DecodeFailures, nan_drill: bool = False):
+                        steps: range, steps_per_epoch: int, failures: DecodeFailures, nan_drill: bool = False,
+                        corrupt: CorruptRecords | None = None):
     """An iterator over the global batches of `steps` (global steps; epochs of steps_per_epoch, each with its own
     order and augmentation), split over the replicas.
 
     One iterator serves the whole stage: a distributed iterator deleted under MirroredStrategy can
     hold the next step back by about 5 s (measured here with two CPU replicas, one epoch in three
     or so), once per epoch if every epoch made its own. `nan_drill`: this input carries
-    --debug_nan_step's NaN images.
+    --debug_nan_step's NaN images; `corrupt` (--skip_corrupt_records) reads damaged shards up to the damage.
     """
     augmentation = VariationAugmentation(options.synth_blur_prob, options.synth_occlusion_prob)
 
@@ -128,7 +132,8 @@ def distributed_batches(strategy: tf.distribute.Strategy, spec: InputSpec, optio
                 input_context=context, failures=failures, shuffle_buffer=options.shuffle_buffer,
                 augment=augmentation if augmentation.active else None,
                 keep_probability=balanced_acceptance(spec.info.histograms) if spec.balanced else None,
-                group_size=spec.group_size)
+                group_size=spec.group_size, corrupt=corrupt,
+                sample_weight=spec.weighting and spec.weighting.weight_fn(spec.info.histograms, spec.info.num_images))
             epochs.append(dataset.take((last - first) * per_step))
         dataset = functools.reduce(tf.data.Dataset.concatenate, epochs)
         if nan_drill and options.nan_step in steps:

@@ -1,5 +1,5 @@
-"""Faults a run survives: SIGTERM (every worker saves one step, then stops), non-finite losses and a lost worker (stop,
-naming the last good checkpoint)."""
+"""Faults a run survives: SIGTERM (every worker saves one step, then stops), non-finite losses, a lost worker and a
+damaged input shard (stop, naming the last good checkpoint)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Protocol
 
 import tensorflow as tf
 
+from mvcom_tf.data.shard_checks import first_damage, reader_reason
+from mvcom_tf.data.tfrecord import shard_paths
 from mvcom_tf.training.checkpoints import StageCheckpoints
 from mvcom_tf.training.metrics import StepSums
 
@@ -29,6 +31,10 @@ class NonFiniteLoss(RuntimeError):
 
 class WorkerLost(RuntimeError):
     """Another worker of a multi-worker run stopped: the message names it and the checkpoint to resume from."""
+
+
+class DamagedInput(RuntimeError):
+    """A training shard could not be read (truncated copy, corrupt record): the message names it and what to do."""
 
 
 class Preempted(RuntimeError):
@@ -154,3 +160,21 @@ def worker_lost(error: tf.errors.OpError, stage: str, step: int, own_task: str, 
 def _first_line(error: tf.errors.OpError) -> str:
     lines = [line.strip() for line in (error.message or "").splitlines() if line.strip()]
     return lines[0][:200] if lines else "no message"
+
+
+def damaged_input(error: tf.errors.DataLossError, stage, step: int, saved: str | None) -> DamagedInput:
+    """The one line a run ends with when an input shard is damaged, instead of TensorFlow's traceback: the shard
+    (found by reading the stage's shards again), where it breaks, what was saved and what to do."""
+    damage = None
+    for spec in stage.inputs():
+        paths = shard_paths(spec.data_dir, spec.info)
+        damage = first_damage(paths, [int(shard["num_images"]) for shard in spec.info.shards])
+        if damage:
+            where = f"--{spec.flag} shard {damage.describe()}"
+            break
+    else:
+        where = f"an input shard ({reader_reason(error)}; every shard reads whole now: a read error of the file system?)"
+    kept = f"saved {saved}" if saved else "nothing saved yet in this stage"
+    return DamagedInput(f"[{stage.name}] after step {step}: {where}. Copy or convert the shard again and re-run to "
+                        f"resume ({kept}), or add --skip_corrupt_records to train on without the records from the "
+                        "damage to the shard's end")

@@ -11,6 +11,7 @@ from absl import logging
 
 from mvcom_tf.config import TrainConfig
 from mvcom_tf.data.pipeline import DecodeFailures
+from mvcom_tf.data.shard_checks import CorruptRecords
 from mvcom_tf.training import eval_data, faults, outputs
 from mvcom_tf.training.checkpoints import StageCheckpoints, stage_folder
 from mvcom_tf.training.compiled import CompiledSteps, execution_length
@@ -32,7 +33,15 @@ class StageRun:
     writer: tf.summary.SummaryWriter
     total_steps: int
     failures: DecodeFailures = dataclasses.field(default_factory=DecodeFailures)
+    corrupt: CorruptRecords | None = None  # --skip_corrupt_records
     skipped: int = 0
+
+    def dropped(self) -> dict[str, int]:
+        """What the input has dropped so far: undecodable images, records lost to damaged shards."""
+        counts = {"undecodable_images": int(self.failures.count.numpy())}
+        if self.corrupt is not None:
+            counts["corrupt_records"] = int(self.corrupt.count.numpy())
+        return counts
 
 
 def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strategy, init_checkpoint: str,
@@ -62,11 +71,17 @@ def run_stage(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strateg
             raise
         resume_from = faults.resume_point(run.checkpoints.latest, is_chief(), resume_dir)
         raise faults.worker_lost(error, stage.name, step, task_name(), resume_from) from None
+    except tf.errors.DataLossError as error:
+        # One step per call: the failed call read no batch and applied nothing, so `step` is whole. With more, the
+        # steps of the call before the bad batch were applied but not counted: keep the last checkpoint instead.
+        if runtime.steps_per_execution == 1:
+            run.checkpoints.save(step)
+        raise faults.damaged_input(error, stage, step, run.checkpoints.latest) from None
     finally:
         retire(iterators)  # not deleted: see distribute.retire
         run.writer.flush()  # the command ends without destructors (mvcom_tf.cli.exit_now)
     run.checkpoints.save(step)
-    return run.progress.stage_summary()
+    return {**run.progress.stage_summary(), **{key: value for key, value in run.dropped().items() if value}}
 
 
 def _start(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strategy, init_checkpoint: str,
@@ -84,7 +99,7 @@ def _start(config: TrainConfig, stage: Stage, strategy: tf.distribute.Strategy, 
                  stage.name, info.num_images, info.num_identities, stage.steps_per_epoch, step, total_steps,
                  strategy.num_replicas_in_sync)
     return StageRun(config, stage, strategy, checkpoints, Progress(stage, total_steps, step, writer), writer,
-                    total_steps)
+                    total_steps, corrupt=CorruptRecords() if config.data.skip_corrupt_records else None)
 
 
 def _inputs(run: StageRun, options: InputOptions, steps: range) -> tuple:
@@ -92,7 +107,8 @@ def _inputs(run: StageRun, options: InputOptions, steps: range) -> tuple:
     if not steps:
         return ()
     return tuple(distributed_batches(run.strategy, spec, options, steps, run.stage.steps_per_epoch, run.failures,
-                                     nan_drill=index == 0) for index, spec in enumerate(run.stage.inputs()))
+                                     nan_drill=index == 0, corrupt=run.corrupt)
+                 for index, spec in enumerate(run.stage.inputs()))
 
 
 def stage_length(config: TrainConfig, stage: Stage) -> int:
@@ -114,11 +130,9 @@ def _after_steps(run: StageRun, step: int, epoch: int, preemption: faults.Preemp
     runtime, evaluation = config.runtime, config.evaluation
     final = step == run.total_steps
     if step % runtime.log_every == 0 or final:
-        if int(run.failures.count.numpy()):
-            logging.warning("[%s] %d undecodable images dropped so far", name, int(run.failures.count.numpy()))
         if run.skipped:
             logging.warning("[%s] %d steps with a non-finite loss or gradient skipped so far", name, run.skipped)
-        run.progress.report(step, epoch, stage.learning_rate())
+        run.progress.report(step, epoch, stage.learning_rate(), run.dropped())
     if step % runtime.checkpoint_every == 0 or final:
         run.checkpoints.save(step)
     preemption.check(run.checkpoints, name, step, resume_dir)

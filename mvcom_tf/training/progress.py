@@ -33,8 +33,9 @@ class Progress:
         """The stage's own scalars over the whole stage, for metrics.json."""
         return self.stage.scalars(self.totals.stage) if self.totals and self.totals.stage else {}
 
-    def report(self, step: int, epoch: int, lr: float) -> None:
-        """Logs the progress line and writes TensorBoard summaries for the steps since the last report."""
+    def report(self, step: int, epoch: int, lr: float, dropped: dict[str, int] | None = None) -> None:
+        """Logs the progress line and writes TensorBoard summaries for the steps since the last report; `dropped`:
+        what the input has dropped so far (shown when not 0)."""
         elapsed = max(time.perf_counter() - self.since_time, 1e-9)
         steps_per_s = max(step - self.since_step, 1) / elapsed
         sums = self.sums
@@ -47,8 +48,11 @@ class Progress:
         if sums.stage:
             scalars.update(self.stage.scalars(sums.stage))
         eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / steps_per_s))
-        logging.info("[%s] step %d/%d epoch %d %s images/s %.1f ETA %s", self.stage.name, step, self.total_steps,
-                     epoch + 1, state, scalars["images_per_s"], eta)
+        dropped = {name: count for name, count in (dropped or {}).items() if count}
+        notes = "".join(f" {name.replace('_', ' ')} {count}" for name, count in dropped.items())
+        logging.info("[%s] step %d/%d epoch %d %s images/s %.1f ETA %s%s", self.stage.name, step, self.total_steps,
+                     epoch + 1, state, scalars["images_per_s"], eta, f" | dropped:{notes}" if notes else "")
+        scalars.update({f"dropped/{name}": float(count) for name, count in dropped.items()})
         self._summaries(step, scalars)
         self.sums, self.samples = (), ()
         self.since_step, self.since_time = step, time.perf_counter()

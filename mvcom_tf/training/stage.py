@@ -32,9 +32,13 @@ class Stage(abc.ABC):
     later_stages_start_here = True
 
     def __init__(self, name: str, schedule: Schedule, backbone: keras.Model, head: MarginHead | ShardedCentres,
-                 optimizer: keras.optimizers.Optimizer, train: InputSpec) -> None:
+                 optimizer: keras.optimizers.Optimizer, train: InputSpec,
+                 own_trackables: dict[str, Any] | None = None) -> None:
+        """`own_trackables`: the stage's state beyond backbone, head and optimizer (GroupDRO's q, the meta step's
+        variation heads), saved and restored with them."""
         self.name, self.schedule = name, schedule
         self.backbone, self.head, self.optimizer, self.train = backbone, head, optimizer, train
+        self.own_trackables = own_trackables or {}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -46,7 +50,7 @@ class Stage(abc.ABC):
 
     def trackables(self) -> dict[str, Any]:
         """The stage's checkpoint entries (`backbone` and `head` are what --init_checkpoint carries over)."""
-        return {"backbone": self.backbone, "head": self.head, "optimizer": self.optimizer}
+        return {"backbone": self.backbone, "head": self.head, "optimizer": self.optimizer, **self.own_trackables}
 
     @abc.abstractmethod
     def replica_step(self, step: int) -> ReplicaStep:
