@@ -9,16 +9,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 
 from benchmarks.bias.arms import Arm, error_set_path
 from benchmarks.bias.data import Study
+from benchmarks.training_run import REPO, train_run
 from mvcom_tf.data import synthetic
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Runner:
@@ -59,20 +57,11 @@ class Runner:
                 future.result()
 
     def _train_one(self, seed: str, name: str, run_flags: list[str]) -> None:
-        folder = self.folder(seed, name)
-        os.makedirs(folder, exist_ok=True)
-        args = [sys.executable, "-m", "mvcom_tf.train", *self.study.train_flags,
-                f"--train_data={self.data('train')}", f"--meta_data={self.data('meta')}",
-                f"--model_dir={folder}", f"--seed={seed}", *run_flags]
         print(f"training seed {seed} {name}", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        with open(os.path.join(folder, "train.log"), "w") as log:
-            result = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONPATH": REPO})
-        if result.returncode:
-            raise SystemExit(f"failed ({result.returncode}): {' '.join(args)}; see {folder}/train.log")
+        seconds = train_run([*self.study.train_flags, f"--train_data={self.data('train')}",
+                             f"--meta_data={self.data('meta')}", f"--seed={seed}", *run_flags], self.folder(seed, name))
         with self.lock:
-            self.timings[f"seed{seed}/{name}"] = time.perf_counter() - start
+            self.timings[f"seed{seed}/{name}"] = seconds
             self.timings["wall_seconds"] = self.wall_seconds()
             self.trained += 1
             write_json(self.timings_path, self.timings)
@@ -82,7 +71,7 @@ class Runner:
 
     def error_sets(self, seeds: list[str]) -> None:
         """JTT's error set of each seed's pre-training (its misclassified training images), once."""
-        from mvcom_tf.training.error_set import find_errors, write_error_set
+        from mvcom_tf.error_set import find_errors, write_error_set
 
         for seed in seeds:
             pretrain = self.folder(seed, "pretrain")

@@ -31,6 +31,7 @@ class Scored:
 
     result: dict
     curves: dict[str, tuple[np.ndarray, np.ndarray]]
+    outcomes: np.ndarray | None = None  # per pair, right under the 10-fold protocol (paired comparisons of models)
 
 
 # ----------------------------------------------------------------------------- images
@@ -89,7 +90,7 @@ def _verification(scores: np.ndarray, same: np.ndarray, label: str) -> Scored:
     # The threshold of the best accuracy over all pairs: what `embed --compare` uses for this model.
     result = {"accuracy": folds.accuracy, "accuracy_std": folds.std, "num_pairs": int(len(scores)),
               "threshold": float(best_threshold(scores, same)), "tar_at_far": metrics.tar_at_far(scores, same)}
-    return Scored(result, {label: (far, tar)})
+    return Scored(result, {label: (far, tar)}, folds.correct)
 
 
 def run_bin(embed: EmbedFn, path: str, image_size: int, batch_size: int) -> Scored:
@@ -247,6 +248,8 @@ def run_synthetic(embed: EmbedFn, path: str, image_size: int, batch_size: int) -
             if factor == "ethnicity":
                 far, tar, _ = metrics.roc_curve(scores[members], same[members])
                 scored.curves[name] = (far, tar)
+        if not at_threshold:  # no pair labelled in this factor (photos measure pose and blur only)
+            continue
         factors[factor] = {"global_threshold": at_threshold, "tenfold": tenfold, **metrics.group_summary(at_threshold)}
         groups[factor] = fold_groups
     scored.result.update({"global_threshold": threshold,
