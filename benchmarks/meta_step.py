@@ -3,7 +3,8 @@
     python -m benchmarks.meta_step [--backbone=iresnet18 --image_size=112 --batch=16 --repeats=5]
 
 Each variant runs in its own process (same model, same batch; the meta batch as large as the
-training batch, and half as large for the rows marked so). Prints a table, then one JSON line.
+training batch, and half as large for the rows marked so; the margins' residuals unless the row
+says weights or both, --meta_target). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def main(argv):
         "meta_output_block": run_isolated(kind="meta_output_block", meta_batch=FLAGS.batch, **common),
         "meta_all_half_v": run_isolated(kind="meta_all", meta_batch=FLAGS.batch // 2, **common),
         "meta_output_block_half_v": run_isolated(kind="meta_output_block", meta_batch=FLAGS.batch // 2, **common),
+        # --meta_target=weights: one second-order pass for the summed objective instead of one per factor.
+        "meta_output_block_weights": run_isolated(kind="meta_output_block", meta_batch=FLAGS.batch, target="weights",
+                                                  **common),
+        "meta_output_block_both": run_isolated(kind="meta_output_block", meta_batch=FLAGS.batch, target="both",
+                                               **common),
     }
     plain = rows["plain"]["seconds"]
     print(f"{FLAGS.backbone} {FLAGS.image_size}x{FLAGS.image_size}, |T| = {FLAGS.batch}, float32, "

@@ -14,8 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, num_classes: int = 1000,
-               precision: str = "float32", jit_compile: bool = False, inter_op_threads: int = 0):
-    """A compiled step function and its inputs: kind is plain, meta_all or meta_output_block.
+               precision: str = "float32", jit_compile: bool = False, inter_op_threads: int = 0,
+               target: str = "margins"):
+    """A compiled step function and its inputs: kind is plain, meta_all or meta_output_block; `target` what the meta
+    step learns (--meta_target).
 
     precision float32 or bfloat16 (Keras' mixed_bfloat16 policy, as --mixed_precision=bfloat16);
     jit_compile as --jit_compile (the step compiled by XLA); inter_op_threads > 0 caps TensorFlow's inter-op
@@ -40,7 +42,7 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
     scope = "all" if kind == "plain" else kind.removeprefix("meta_")
     config = TrainConfig.from_flags(backbone=backbone, image_size=image_size, batch_size=batch,
                                     meta_batch_size=meta_batch, meta_scope=scope, meta_sampling="random",
-                                    meta_lr_tau=1000.0, residual_max=0.2,
+                                    meta_lr_tau=1000.0, residual_max=0.2, meta_target=target,
                                     mixed_precision="none" if precision == "float32" else precision)
     margins = tf.fill([num_classes], 0.35)
     rng = np.random.default_rng(0)
@@ -73,10 +75,10 @@ def call_seconds(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 def time_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, repeats: int,
               warmup: int = 2, precision: str = "float32", jit_compile: bool = False,
-              inter_op_threads: int = 0) -> dict:
+              inter_op_threads: int = 0, target: str = "margins") -> dict:
     """Median seconds per step after warm-up, and the process's peak resident memory."""
     step, images = build_step(kind, backbone, image_size, batch, meta_batch, precision=precision,
-                              jit_compile=jit_compile, inter_op_threads=inter_op_threads)
+                              jit_compile=jit_compile, inter_op_threads=inter_op_threads, target=target)
     seconds = call_seconds(step, repeats, warmup)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     median = statistics.median(seconds)

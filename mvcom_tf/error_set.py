@@ -18,6 +18,7 @@ from mvcom_tf.config_flags import config_of_run
 from mvcom_tf.data import schema
 from mvcom_tf.data.pipeline import decode_image, normalize_images
 from mvcom_tf.data.tfrecord import read_info, shard_paths
+from mvcom_tf.files import write_text
 from mvcom_tf.models.heads import MarginHead
 from mvcom_tf.stages.build import build_backbone
 from mvcom_tf.training.checkpoints import HEAD_KERNELS, CheckpointError
@@ -78,11 +79,8 @@ def write_error_set(path: str, errors: list[str], seen: int, model_dir: str, tra
     """The error-set file --error_set reads: a header, then one source a line (written whole, then renamed)."""
     if len(set(errors)) != len(errors) or any(not source or "\n" in source for source in errors):
         raise ValueError(f"{train_data}: `image/source` must be unique and non-empty for an error set")
-    temporary = f"{path}.tmp"
-    with tf.io.gfile.GFile(temporary, "w") as f:
-        f.write(f"{HEADER}: {len(errors)} of {seen} images of {train_data} misclassified by {model_dir}\n")
-        f.write("".join(f"{source}\n" for source in errors))
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    header = f"{HEADER}: {len(errors)} of {seen} images of {train_data} misclassified by {model_dir}\n"
+    write_text(path, header + "".join(f"{source}\n" for source in errors))
 
 
 def error_share(errors: list[str], seen: int) -> float:

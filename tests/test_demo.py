@@ -75,7 +75,16 @@ def test_mvcom_is_credited_only_with_its_difference_from_a_cosface_fine_tuning(d
     for factor in schema.FACTORS:
         assert stages["finetune"]["training"][f"residual/{factor}/std"] == 0.0
         assert stages["meta"]["training"][f"residual/{factor}/std"] > 0.01
-    assert "MvCoM against CosFace fine-tuning (same start, batches and length), accuracy" in result.stderr
+    # The paired interval: per-pair outcomes of both stages on the same test pairs, resampled together.
+    from mvcom_tf.files import read_array
+    outcomes = {name: read_array(stages[name]["pair_outcomes"]) for name in ("meta", "finetune")}
+    accuracy = difference["accuracy"]
+    assert accuracy["pairs"] == len(outcomes["meta"]) == len(outcomes["finetune"])
+    assert accuracy["pair_mean"] == pytest.approx(outcomes["meta"].mean() - outcomes["finetune"].mean())
+    assert accuracy["interval"][0] <= accuracy["pair_mean"] <= accuracy["interval"][1]
+    assert re.search(r"meta stage against CosFace fine-tuning \(same start, batches and length\), accuracy: "
+                     r"[\d.]+ - [\d.]+ = [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \(95%, paired bootstrap over the \d+ test "
+                     r"pairs: (not )?beyond noise\)", result.stderr)
 
 
 def test_evaluate_reproduces_the_training_accuracy_from_the_saved_model(demo_run, tmp_path):

@@ -184,3 +184,19 @@ def test_progress_line_says_count_rate_and_eta():
     unknown = ProgressLine("detect", None, "photos")
     unknown.start, unknown.done = 0.0, 1234
     assert unknown.line(2.0) == "[detect] 1,234 photos, 617.0 photos/s"
+
+
+def test_paired_bootstrap_matches_the_normal_approximation_on_many_pairs():
+    from mvcom_tf.evaluation.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    baseline = rng.random(20_000) < 0.90
+    outcomes = np.where(rng.random(20_000) < 0.05, ~baseline, baseline)  # 5% of the pairs flip
+    mean, low, high = paired_bootstrap(outcomes, baseline, resamples=2000)
+    differences = outcomes.astype(float) - baseline
+    half = 1.96 * differences.std(ddof=1) / np.sqrt(len(differences))
+    assert mean == pytest.approx(differences.mean())
+    assert low == pytest.approx(mean - half, abs=0.15 * half) and high == pytest.approx(mean + half, abs=0.15 * half)
+    assert paired_bootstrap(baseline, baseline) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="two equal-length 1-d arrays"):
+        paired_bootstrap(np.zeros(3), np.zeros(4))

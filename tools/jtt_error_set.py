@@ -23,7 +23,7 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
-    from mvcom_tf.training.error_set import error_share, find_errors, write_error_set
+    from mvcom_tf.error_set import error_share, find_errors, write_error_set
 
     output = FLAGS.output or f"{FLAGS.model_dir.rstrip('/')}/error_set.txt"
     errors, seen = find_errors(FLAGS.model_dir, FLAGS.train_data, FLAGS.batch_size)

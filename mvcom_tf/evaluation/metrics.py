@@ -76,3 +76,19 @@ def result_difference(result: dict, baseline: dict) -> dict:
         value, base = figures["worst_accuracy"], baseline["factors"][factor]["worst_accuracy"]
         difference[f"{factor}_worst"] = {"value": value, "baseline": base, "difference": value - base}
     return difference
+
+
+def paired_bootstrap(outcomes: np.ndarray, baseline: np.ndarray, resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean of outcomes - baseline (two models' per-pair results on the same pairs) and its 95% percentile interval
+    from `resamples` draws of the pairs with replacement (fixed seed)."""
+    outcomes, baseline = np.asarray(outcomes, np.float64), np.asarray(baseline, np.float64)
+    if outcomes.ndim != 1 or outcomes.shape != baseline.shape or len(outcomes) == 0:
+        raise ValueError(f"paired_bootstrap needs two equal-length 1-d arrays, got {outcomes.shape} and "
+                         f"{baseline.shape}")
+    differences = outcomes - baseline
+    rng = np.random.default_rng(seed)
+    means = np.array([differences[rng.integers(0, len(differences), len(differences))].mean()
+                      for _ in range(resamples)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(differences.mean()), float(low), float(high)

@@ -188,7 +188,9 @@ class MetaStep:
             with tf.GradientTape(persistent=True) as inner:
                 inner.watch(weights)
                 embeddings, statistics = step.forward(batch["image"], weights)
-                loss, _, _ = step.batch_loss(embeddings, batch, margins, extra_weights=1.0 + eps, commit=False)
+                # The loss weights enter as 1 + eps only when they are learned: the margins' path stays as it was.
+                loss, _, _ = step.batch_loss(embeddings, batch, margins, commit=False,
+                                             extra_weights=1.0 + eps if self.learns_weights else None)
             gradients = inner.gradient(loss, [w for w, chosen in zip(weights, self.pseudo_mask) if chosen])
             if context is not None and context.num_replicas_in_sync > 1:
                 gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)

@@ -18,7 +18,8 @@ from mvcom_tf.config import (IdentityHeadConfig, MetaConfig, ModelConfig, Optimi
 from mvcom_tf.data import schema
 from mvcom_tf.data.sample_weights import DATA_WEIGHTINGS, DataWeighting
 from mvcom_tf.data.tfrecord import DatasetInfo
-from mvcom_tf.evaluation.metrics import result_difference
+from mvcom_tf.evaluation.metrics import paired_bootstrap, result_difference
+from mvcom_tf.files import read_array
 from mvcom_tf.losses.group_dro import GroupDRO
 from mvcom_tf.losses.margins import class_aware_margins, head_classes, tail_class_offsets
 from mvcom_tf.meta.step import MetaStep
@@ -88,9 +89,18 @@ def summarise_run(stage_metrics: dict) -> dict:
     if "accuracy" not in meta or "accuracy" not in control:
         return {}
     difference = result_difference(meta, control)
+    if "pair_outcomes" in meta and "pair_outcomes" in control:
+        outcomes, baseline = read_array(meta["pair_outcomes"]), read_array(control["pair_outcomes"])
+        mean, low, high = paired_bootstrap(outcomes, baseline)
+        difference["accuracy"].update(pairs=int(len(outcomes)), pair_mean=mean, interval=[low, high])
     for name, figures in difference.items():
-        logging.info("MvCoM against CosFace fine-tuning (same start, batches and length), %s: %.4f - %.4f = %+.4f",
-                     name, figures["value"], figures["baseline"], figures["difference"])
+        interval = ""
+        if "interval" in figures:
+            interval = (" [{:+.4f}, {:+.4f}] (95%, paired bootstrap over the {} test pairs: {})".format(
+                *figures["interval"], figures["pairs"],
+                "not beyond noise" if figures["interval"][0] <= 0 <= figures["interval"][1] else "beyond noise"))
+        logging.info("meta stage against CosFace fine-tuning (same start, batches and length), %s: %.4f - %.4f = "
+                     "%+.4f%s", name, figures["value"], figures["baseline"], figures["difference"], interval)
     return {"meta_minus_finetune": difference}
 
 

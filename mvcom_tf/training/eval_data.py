@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mvcom_tf.evaluation.benchmark_spec import benchmark_key, parse_benchmark
@@ -10,14 +11,19 @@ from mvcom_tf.evaluation.protocols import run_benchmark
 from mvcom_tf.export import embedding_fn
 
 
-def evaluate(eval_data: tuple[str, ...], backbone: keras.Model, image_size: int,
-             batch_size: int) -> dict[str, dict]:
-    """Every benchmark of --eval_data on the flip-fused embeddings of the backbone, keyed `<kind>:<name>`."""
+def evaluate(eval_data: tuple[str, ...], backbone: keras.Model, image_size: int, batch_size: int,
+             outcomes: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
+    """Every benchmark of --eval_data on the flip-fused embeddings of the backbone, keyed `<kind>:<name>`;
+    `outcomes`, if given, receives each verification benchmark's per-pair 10-fold outcomes."""
     embed = tf.function(embedding_fn(backbone), reduce_retracing=True)
     results = {}
     for spec in eval_data:
         kind, path = parse_benchmark(spec)
-        results[benchmark_key(kind, path)] = run_benchmark(kind, path, embed, image_size, batch_size).result
+        key = benchmark_key(kind, path)
+        scored = run_benchmark(kind, path, embed, image_size, batch_size)
+        results[key] = scored.result
+        if outcomes is not None and scored.outcomes is not None:
+            outcomes[key] = scored.outcomes
     return results
 
 

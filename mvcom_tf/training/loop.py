@@ -12,6 +12,7 @@ from absl import logging
 from mvcom_tf.config import TrainConfig
 from mvcom_tf.data.pipeline import DecodeFailures
 from mvcom_tf.data.shard_checks import CorruptRecords
+from mvcom_tf.files import write_array
 from mvcom_tf.training import eval_data, faults, outputs
 from mvcom_tf.training.checkpoints import StageCheckpoints, stage_folder
 from mvcom_tf.training.compiled import CompiledSteps, execution_length
@@ -192,13 +193,21 @@ def _run_stages(config: TrainConfig, local: TrainConfig, strategy: tf.distribute
 
 
 def _evaluate_stage(config: TrainConfig, stage: Stage) -> dict:
-    """--eval_data after a stage, logged at its last step; the first benchmark's figures at the top level."""
+    """--eval_data after a stage, logged at its last step; the first benchmark's figures at the top level, and its
+    per-pair outcomes kept in <model_dir>/pair_outcomes/<stage>.npy (`pair_outcomes`: paired comparisons of
+    stages)."""
     evaluation = config.evaluation
+    outcomes: dict = {}
     results = eval_data.evaluate(evaluation.benchmarks, stage.backbone, config.model.image_size,
-                                  evaluation.batch_size)
+                                  evaluation.batch_size, outcomes)
     for key, result in results.items():
         logging.info("[%s] %s: %s", stage.name, key, eval_data.headline(result))
     writer = tf.summary.create_file_writer(posixpath.join(config.runtime.model_dir, "tensorboard", stage.name))
     eval_data.log_evaluation(writer, stage_length(config, stage), results)
     writer.flush()  # the command ends without destructors (mvcom_tf.cli.exit_now)
-    return {**next(iter(results.values())), "benchmarks": results}
+    first = next(iter(results))
+    kept = {}
+    if first in outcomes:
+        kept["pair_outcomes"] = posixpath.join(config.runtime.model_dir, "pair_outcomes", f"{stage.name}.npy")
+        write_array(kept["pair_outcomes"], outcomes[first])
+    return {**results[first], "benchmarks": results, **kept}

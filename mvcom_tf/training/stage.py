@@ -34,8 +34,8 @@ class Stage(abc.ABC):
     def __init__(self, name: str, schedule: Schedule, backbone: keras.Model, head: MarginHead | ShardedCentres,
                  optimizer: keras.optimizers.Optimizer, train: InputSpec,
                  own_trackables: dict[str, Any] | None = None) -> None:
-        """`own_trackables`: the stage's state beyond backbone, head and optimizer (GroupDRO's q, the meta step's
-        variation heads), saved and restored with them."""
+        """`own_trackables`: the stage's state beyond backbone, head and optimizer (GroupDRO's q, the variation
+        heads), saved and restored with them."""
         self.name, self.schedule = name, schedule
         self.backbone, self.head, self.optimizer, self.train = backbone, head, optimizer, train
         self.own_trackables = own_trackables or {}
