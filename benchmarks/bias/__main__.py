@@ -158,6 +158,7 @@ def meta_signal(runner: Runner, seed: str, objective: str, batches: int, warmup_
 def command_line(knobs: dict[str, float]) -> str:
     """The command that reproduces this study, as recorded in its results."""
     return (f"python -m benchmarks.bias --data={FLAGS.data}" + (" --quick" if FLAGS.quick else "")
+            + ("" if not FLAGS["seeds"].present else f" --seeds={','.join(FLAGS.seeds)}")
             + "".join(f" --{KNOB_FLAGS[key]}={value:g}" for key, value in knobs.items())
             + ("" if list(FLAGS.arms) == list(DEFAULT_ARMS) else f" --arms={','.join(FLAGS.arms)}")
             + ("" if not FLAGS["keep_committed"].present else f" --keep_committed={','.join(FLAGS.keep_committed)}")
