@@ -26,15 +26,14 @@ import os
 import shutil
 import sys
 
-import numpy as np
 from absl import app, flags
 
 from benchmarks.bias import report
 from benchmarks.bias.arms import ARM_KINDS, ARMS, STACK_BEST, is_arm, labels_read
 from benchmarks.bias.data import DATA, FULL, QUICK, CONFIG_EPOCHS, Study, pretrain_schedule, splits
-from benchmarks.bias.runner import REPO, Runner, read_json, write_json
+from benchmarks.bias.runner import Runner, read_json, write_json
 from benchmarks.bias.selection import select
-from mvcom_tf.data import schema
+from benchmarks.training_run import REPO
 
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 # Arms whose committed results stand in for a re-run by default: measured in the committed study (the first three

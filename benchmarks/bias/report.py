@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from benchmarks.bias.arms import ARM_KINDS, Arm
+from benchmarks.bias.arms import Arm
 from benchmarks.bias.runner import Runner, read_json
 from mvcom_tf.data import schema, synthetic
 from mvcom_tf.evaluation.metrics import paired_interval
@@ -173,11 +173,6 @@ def markdown(study_json: dict, selection: list[dict]) -> str:
                          f"batches; mean update of tail samples {scientific(f['tail_mean'])}, head "
                          f"{scientific(f['head_mean'])}")
     return "\n".join(lines)
-
-
-def describe_arms() -> str:
-    """One line per arm kind: what it trains."""
-    return "\n".join(f"- `{kind}`: {spec.description}" for kind, spec in ARM_KINDS.items())
 
 
 def number(value: float) -> float | None:

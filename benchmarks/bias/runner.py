@@ -15,7 +15,7 @@ import time
 
 from benchmarks.bias.arms import Arm, error_set_path
 from benchmarks.bias.data import Study
-from benchmarks.training_run import REPO, train_run
+from benchmarks.training_run import train_run
 from mvcom_tf.data import synthetic
 
 
