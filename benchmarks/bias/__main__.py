@@ -120,8 +120,9 @@ def results_stem(knobs: dict[str, float]) -> str:
     return ("bias" if FLAGS.data == "headroom" else f"bias_{FLAGS.data}") + knob_suffix(knobs)
 
 
-def committed_entries(arms: list[str], knobs: dict[str, float]) -> tuple[dict, dict, dict]:
-    """The committed study's report, run names and mechanism figures of `arms`, marked as committed."""
+def committed_entries(arms: list[str], knobs: dict[str, float]) -> tuple[dict, dict, dict, dict]:
+    """The committed study's report, run names and mechanism figures of `arms`, marked as committed, and its cosface
+    baseline (what the kept arms are paired against)."""
     path = os.path.join(RESULTS_DIR, f"{results_stem(knobs)}.json")
     committed = read_json(path, None)
     if committed is None:
@@ -130,10 +131,13 @@ def committed_entries(arms: list[str], knobs: dict[str, float]) -> tuple[dict, d
     if missing:
         raise app.UsageError(f"--keep_committed: {path} has no {', '.join(missing)}")
     note = f"from the committed study of {committed['date']} ({committed['command']}); not re-run"
-    entries = {arm: {**committed["arms"][arm], "committed": note, "reads": labels_read(arm),
+    # An arm already kept from an earlier study names that study, not the file it was copied through.
+    entries = {arm: {**committed["arms"][arm], "committed": committed["arms"][arm].get("committed", note),
+                     "reads": labels_read(arm),
                      "minutes": committed["arms"][arm].get("minutes")} for arm in arms}
+    baseline = {"committed_cosface_accuracy": committed["cosface"]["accuracy"], "committed_seeds": committed["seeds"]}
     return (entries, {arm: committed["runs"][arm] for arm in arms},
-            {arm: committed["mechanism"][arm] for arm in arms if arm in committed.get("mechanism", {})})
+            {arm: committed["mechanism"][arm] for arm in arms if arm in committed.get("mechanism", {})}, baseline)
 
 
 def meta_signal(runner: Runner, seed: str, objective: str, batches: int, warmup_steps: int) -> dict:
@@ -205,9 +209,9 @@ def main(argv) -> None:
         entry.update({"reads": labels_read(arm), "minutes": runner.minutes(seeds, arms[arm])})
     runs = {arm: settings.name for arm, settings in arms.items()}
     mechanisms = {arm: report.mechanism(runner, seeds, arms[arm]) for arm in arms if ARM_KINDS[arms[arm].kind].meta}
-    committed = {}
+    committed, committed_baseline = {}, {}
     if kept:
-        committed, committed_runs, committed_mechanisms = committed_entries(kept, knobs)
+        committed, committed_runs, committed_mechanisms, committed_baseline = committed_entries(kept, knobs)
         runs.update(committed_runs)
         mechanisms.update(committed_mechanisms)
         entries.update(committed)
@@ -230,12 +234,10 @@ def main(argv) -> None:
         "date": datetime.date.today().isoformat(),
     }
     if committed:
-        previous = read_json(os.path.join(RESULTS_DIR, f"{results_stem(knobs)}.json"), {})
         study_json["committed_baseline_check"] = {
-            "committed_cosface_accuracy": previous.get("cosface", {}).get("accuracy"),
-            "cosface_accuracy": baseline["accuracy"],
-            "note": "the kept arms were paired against the committed study's cosface runs; equal baselines mean "
-                    "the same pairing holds here"}
+            **committed_baseline, "cosface_accuracy": baseline["accuracy"],
+            "note": "the kept arms were paired against the committed study's cosface runs; equal baselines over the "
+                    "same seeds mean the same pairing holds here"}
     text = report.markdown(study_json, selection)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(text + "\n")
