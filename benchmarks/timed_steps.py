@@ -11,13 +11,32 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The instruction sets that decide which oneDNN kernels a step gets (AMX: brgemm tiles; avx512_bf16: dot products).
+KERNEL_FLAGS = ("avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8", "amx_fp16")
+
+
+def cpu_summary() -> dict:
+    """The CPU's model name (lscpu), which of KERNEL_FLAGS it has, and its core count: printed beside every timing,
+    since machines of one kind differ."""
+    model, present = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    present = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": [flag for flag in KERNEL_FLAGS if flag in present], "cores": os.cpu_count()}
 
 
 def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, num_classes: int = 1000,
                precision: str = "float32", jit_compile: bool = False, inter_op_threads: int = 0,
-               target: str = "margins"):
+               target: str = "margins", fused_bn: bool = False):
     """A compiled step function and its inputs: kind is plain, meta_all or meta_output_block; `target` what the meta
-    step learns (--meta_target).
+    step learns (--meta_target); fused_bn as --fused_bn (the plain step only).
 
     precision float32 or bfloat16 (Keras' mixed_bfloat16 policy, as --mixed_precision=bfloat16);
     jit_compile as --jit_compile (the step compiled by XLA); inter_op_threads > 0 caps TensorFlow's inter-op
@@ -42,7 +61,7 @@ def build_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch
     scope = "all" if kind == "plain" else kind.removeprefix("meta_")
     config = TrainConfig.from_flags(backbone=backbone, image_size=image_size, batch_size=batch,
                                     meta_batch_size=meta_batch, meta_scope=scope, meta_sampling="random",
-                                    meta_lr_tau=1000.0, residual_max=0.2, meta_target=target,
+                                    meta_lr_tau=1000.0, residual_max=0.2, meta_target=target, fused_bn=fused_bn,
                                     mixed_precision="none" if precision == "float32" else precision)
     margins = tf.fill([num_classes], 0.35)
     rng = np.random.default_rng(0)
@@ -75,10 +94,11 @@ def call_seconds(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 def time_step(kind: str, backbone: str, image_size: int, batch: int, meta_batch: int, repeats: int,
               warmup: int = 2, precision: str = "float32", jit_compile: bool = False,
-              inter_op_threads: int = 0, target: str = "margins") -> dict:
+              inter_op_threads: int = 0, target: str = "margins", fused_bn: bool = False) -> dict:
     """Median seconds per step after warm-up, and the process's peak resident memory."""
     step, images = build_step(kind, backbone, image_size, batch, meta_batch, precision=precision,
-                              jit_compile=jit_compile, inter_op_threads=inter_op_threads, target=target)
+                              jit_compile=jit_compile, inter_op_threads=inter_op_threads, target=target,
+                              fused_bn=fused_bn)
     seconds = call_seconds(step, repeats, warmup)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     median = statistics.median(seconds)

@@ -66,6 +66,9 @@ class ModelConfig:
     embedding_size: int = option(512, "Embedding dimension.", lower=2)
     dropout: float = option(0.0, "Dropout before the embedding layer.", lower=0.0, upper=0.99)
     sync_bn: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
+    fused_bn: bool = option(False, "Train BatchNorm on TensorFlow's fused kernel (FusedBatchNormV3) in the compute "
+                                   "dtype: same outputs and statistics to rounding, a faster step "
+                                   "(docs/benchmarks.md); with --sync_bn only on one replica.")
 
 
 @dataclasses.dataclass(frozen=True)

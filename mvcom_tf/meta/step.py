@@ -35,7 +35,7 @@ from mvcom_tf.losses.margins import variation_losses
 from mvcom_tf.meta.sampling import select_meta_batch
 from mvcom_tf.meta.statistics import MetaSamples, MetaSums, VariationSums, residual_sums, tail_sums
 from mvcom_tf.models.heads import VariationHeads
-from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX, output_block_layers
+from mvcom_tf.models.iresnet import OUTPUT_BLOCK_PREFIX, fused_batchnorm, output_block_layers
 from mvcom_tf.margin_step import MarginStep
 from mvcom_tf.training.metrics import StepOutput, StepSums, sums_of_samples
 
@@ -76,10 +76,12 @@ class OutputBlock:
         self.trunk = keras.Model(backbone.inputs, self.layers[0].input)
 
     def trunk_features(self, images: tf.Tensor) -> tf.Tensor:
-        """The trunk's output for `images` (training mode, statistics dropped, no gradient)."""
+        """The trunk's output for `images` (training mode, statistics dropped, no gradient: so its BatchNorms take
+        the fused kernel, whatever --fused_bn says)."""
         trunk = self.trunk
-        features, _ = trunk.stateless_call([v.value for v in trunk.trainable_variables],
-                                           [v.value for v in trunk.non_trainable_variables], images, training=True)
+        with fused_batchnorm(trunk):
+            features, _ = trunk.stateless_call([v.value for v in trunk.trainable_variables],
+                                               [v.value for v in trunk.non_trainable_variables], images, training=True)
         return tf.stop_gradient(features)
 
     def __call__(self, features: tf.Tensor, weights: dict) -> tf.Tensor:

@@ -28,6 +28,7 @@ from mvcom_tf.models.iresnet import build_iresnet, float32_if_mixed
 from mvcom_tf.models.sharded_head import ShardedCentres, ShardedMarginHead, head_footprint
 from mvcom_tf.stages.meta import MetaStage
 from mvcom_tf.stages.pretrain import PretrainStage
+from mvcom_tf.training.momentum_sgd import MomentumSGD
 from mvcom_tf.margin_step import MarginStep, ShardedMarginStep
 from mvcom_tf.training.distribute import read_input
 from mvcom_tf.training.stage import Stage
@@ -171,17 +172,18 @@ def log_head_footprint(config: TrainConfig, num_classes: int, replicas: int) -> 
 
 
 def build_backbone(model: ModelConfig) -> keras.Model:
-    """The IResNet of --backbone, --image_size, --embedding_size, --width_multiplier, --dropout, --sync_bn."""
+    """The IResNet of --backbone, --image_size, --embedding_size, --width_multiplier, --dropout, --sync_bn,
+    --fused_bn."""
     return build_iresnet(model.backbone, model.image_size, model.embedding_size, model.width_multiplier,
-                         model.dropout, model.sync_bn)
+                         model.dropout, model.sync_bn, model.fused_bn)
 
 
 def build_optimizer(settings: OptimizerConfig, schedule: Schedule, steps_per_epoch: int, variables: list,
                     loss_scaling: bool = False) -> keras.optimizers.Optimizer:
     """SGD (momentum, decoupled weight decay, the stage's lr steps), built for `variables`; `loss_scaling` wraps it
     in Keras' LossScaleOptimizer (float16, whose gradients underflow unscaled)."""
-    optimizer = keras.optimizers.SGD(learning_rate_schedule(schedule, steps_per_epoch),
-                                     momentum=settings.momentum, weight_decay=settings.weight_decay or None)
+    optimizer = MomentumSGD(learning_rate_schedule(schedule, steps_per_epoch), momentum=settings.momentum,
+                            weight_decay=settings.weight_decay or None)
     if loss_scaling:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(variables)
