@@ -201,3 +201,15 @@ def test_killed_conversion_resumes_to_the_same_shards(tmp_path):
     # Re-running with other options into the same folder is refused, not mixed.
     other = run_module([*args[:-1], "--image_size=32", "--noprogress", f"--out_dir={out_dir}"])
     assert other.returncode == 2 and "holds a conversion of other inputs or options" in other.stderr
+
+
+def test_a_resumed_conversion_reports_the_rate_of_its_own_images(capsys):
+    import multiprocessing
+
+    from mvcom_tf.data.conversion import _Progress
+
+    counter = multiprocessing.Value("q", 2037)  # every shard written by an earlier run
+    with _Progress("test", 2037, counter, enabled=True):
+        pass
+    line = capsys.readouterr().err.strip().split("\r")[-1]
+    assert "2037/2037 images 0 images/s" in line

@@ -209,11 +209,13 @@ class _ShardTask:
 
 
 class _Progress:
-    """A Keras-style progress line (images, images/s, ETA) fed by a counter shared with the workers."""
+    """A Keras-style progress line (images, images/s, ETA) fed by a counter shared with the workers; the rate counts
+    only this run's images (a resumed conversion starts its counter at the shards already written)."""
 
     def __init__(self, name: str, total: int, counter, enabled: bool) -> None:
         self.name, self.total, self.counter, self.enabled = name, total, counter, enabled
         self.start = time.perf_counter()
+        self.done_before = counter.value
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -236,7 +238,7 @@ class _Progress:
     def _print(self) -> None:
         done = self.counter.value
         elapsed = time.perf_counter() - self.start
-        rate = done / max(elapsed, 1e-9)
+        rate = (done - self.done_before) / max(elapsed, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else math.inf
         width = 30
         filled = int(width * done / max(self.total, 1))
