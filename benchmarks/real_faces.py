@@ -10,10 +10,11 @@ committed. The benchmark:
    each split with the project's detection (MTCNN landmarks, ArcFace alignment at 64 px, pose
    measured from the landmarks and blur from the Laplacian: tools/convert_folder.py's path);
 2. writes the test split's pairs: every same-identity pair and as many different-identity pairs
-   drawn with a fixed seed; a pair's group for pose and blur is the rarer class of its two photos;
-3. per seed, one run of flags/real_faces.cfg: CosFace from scratch, then from it a CosFace
-   fine-tuning and a fine-tuning with --recipe (the bias study's recommendation), same length and
-   batches (mvcom_tf.train --stage=pretrain,finetune,meta);
+   drawn with a fixed seed, shuffled (the 10-fold folds are taken in file order); a pair's group for pose and blur is the rarer class of its two photos;
+3. per seed, a run of flags/real_faces.cfg: CosFace from scratch (--stage=pretrain, with
+   --fused_bn, without the recipe's flags), then from its checkpoint a CosFace fine-tuning and a
+   fine-tuning with --recipe (the bias study's recommendation), same length and batches
+   (--stage=finetune,meta); finished runs are not trained again;
 4. scores raw pixels on the same pairs (mean-removed, L2-normalised 64 px faces) as the floor;
 5. prints a table and, last, the JSON; the full run also writes benchmarks/results/real_faces.json.
 """
