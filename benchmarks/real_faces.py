@@ -10,7 +10,8 @@ committed. The benchmark:
    each split with the project's detection (MTCNN landmarks, ArcFace alignment at 64 px, pose
    measured from the landmarks and blur from the Laplacian: tools/convert_folder.py's path);
 2. writes the test split's pairs: every same-identity pair and as many different-identity pairs
-   drawn with a fixed seed, shuffled (the 10-fold folds are taken in file order); a pair's group for pose and blur is the rarer class of its two photos;
+   drawn with a fixed seed, shuffled (the 10-fold folds are taken in file order); a pair's group
+   for pose and blur is the rarer class of its two photos;
 3. per seed, a run of flags/real_faces.cfg: CosFace from scratch (--stage=pretrain, with
    --fused_bn, without the recipe's flags), then from its checkpoint a CosFace fine-tuning and a
    fine-tuning with --recipe (the bias study's recommendation), same length and batches
