@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import time
-
 from absl import app, flags
+
+from benchmarks.timed_steps import call_seconds
 
 FLAGS = flags.FLAGS
 STAGE_BLOCKS = {"iresnet18": (2, 2, 2, 2), "iresnet50": (3, 4, 14, 3), "iresnet100": (3, 13, 30, 3)}
@@ -92,13 +92,7 @@ def time_torch_step(backbone: str = "iresnet100", image_size: int = 112, batch: 
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
+    seconds = call_seconds(step, repeats, warmup)
     median = statistics.median(seconds)
     return {"kind": "pytorch", "seconds": median, "images_per_s": batch / median, "all_seconds": seconds,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "torch": torch.__version__,
