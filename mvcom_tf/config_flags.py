@@ -112,6 +112,11 @@ def _register_validators(flag_values: flags.FlagValues) -> None:
     register_multi(["head_sharding", "partial_fc_rate"],
                    lambda f: f["head_sharding"] == "sharded" or f["partial_fc_rate"] == 1.0,
                    "--partial_fc_rate below 1 needs --head_sharding=sharded", flag_values=flag_values)
+    register_multi(["loss_weighting", "meta_target"],
+                   lambda f: not (f["loss_weighting"] == "groupdro" and f["meta_target"] in ("weights", "both")),
+                   "--loss_weighting=groupdro moves its weights with each step's losses, so learned weights "
+                   "(--meta_target=weights or both) cannot be normalised under them: use one of the two, or "
+                   "--loss_weighting=balanced or error_set", flag_values=flag_values)
     register_multi(["meta_data", "stage"],
                    lambda f: bool(f["meta_data"]) or not set(FINE_TUNING_STAGES) & set(f["stage"]),
                    "--stage=meta needs --meta_data (a dataset folder with variation labels; so does finetune, "

@@ -87,13 +87,16 @@ class MarginStep:
         return weights
 
     def batch_loss(self, embeddings: tf.Tensor, batch: dict[str, tf.Tensor], margins: tf.Tensor,
-                   extra_weights: tf.Tensor | None = None,
+                   extra_weights: tf.Tensor | None = None, weight_offsets: tf.Tensor | None = None,
                    commit: bool = True) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """The loss this replica differentiates (its samples' weighted margin losses summed over the global batch
         size, so that replicas' gradients sum to the global mean's), with identity_losses' per-sample losses and
-        wins. `extra_weights` multiply sample_weights (the meta step's learned weights)."""
+        wins. `weight_offsets` are added to sample_weights (the meta step's eps, whose derivative is then each
+        sample's own loss term whatever its data weight), `extra_weights` multiply them (its learned weights)."""
         per_sample, correct = self.identity_losses(embeddings, batch["identity"], margins)
         weights = self.sample_weights(batch, per_sample, commit)
+        if weight_offsets is not None:
+            weights = (1.0 if weights is None else tf.cast(weights, weight_offsets.dtype)) + weight_offsets
         if extra_weights is not None:
             weights = extra_weights if weights is None else tf.cast(weights, extra_weights.dtype) * extra_weights
         weighted = per_sample if weights is None else per_sample * tf.cast(weights, per_sample.dtype)

@@ -17,7 +17,7 @@ def meta_gradients_under(strategy, meta_step, batch, meta):
     """dL_meta/d eps [B] and the learned weights [B], computed per replica on its slice of both batches."""
     def derivative_and_weights(b, m):
         _, derivative, _ = meta_step.meta_gradients(b, m, meta_step.margin_step.margins(b), meta_step.trunk_features(m))
-        return derivative, meta_step.weights_from(derivative)
+        return derivative, meta_step.weights_from(derivative, b.get("weight"))
 
     return run_per_replica(strategy, derivative_and_weights, batch, meta)
 
@@ -69,6 +69,37 @@ def test_weight_meta_gradient_is_the_finite_difference_and_weights_follow_learni
     raw = np.maximum(-derivative, 0.0)
     assert 0 < np.count_nonzero(raw) < BATCH  # some samples help V, some do not
     np.testing.assert_allclose(weights, raw * BATCH / raw.sum(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("strategy_name,scope,sync_bn", [("default", "output_block", False), ("mirrored", "all", True)])
+def test_learned_weights_on_data_weights_count_each_weight_once(float64, strategy_name, scope, sync_bn):
+    """With --loss_weighting's weights u, eps is added to u: g_j is the finite difference of the meta loss in u_j
+    (u_j not in it a second time), w is normalised so that sum u w = sum u over the global batch, and the real
+    update weighs u_j w_j."""
+    strategy = make_strategy(strategy_name)
+    meta_step = build(strategy, scope=scope, sync_bn=sync_bn, target="weights", tau=0.0)
+    batch, meta = make_batches()
+    data_weights = np.linspace(0.5, 3.0, BATCH)
+    batch = {**batch, "weight": tf.constant(data_weights)}
+    derivative, weights = meta_gradients_under(strategy, meta_step, batch, meta)
+    epsilon = 1e-5
+    for j in (1, BATCH - 1):  # u_j = 0.5 + 2.5 / (B - 1) and 3
+        up, down = data_weights.copy(), data_weights.copy()
+        up[j] += epsilon
+        down[j] -= epsilon
+        difference = (meta_loss_after_weighted_pseudo_update(meta_step, batch, meta, up)
+                      - meta_loss_after_weighted_pseudo_update(meta_step, batch, meta, down)) / (2 * epsilon)
+        assert abs(difference) > 1e-8, j
+        assert derivative[j] == pytest.approx(difference, rel=1e-4), j
+    raw = np.maximum(-derivative, 0.0)
+    np.testing.assert_allclose(weights, raw * data_weights.sum() / (data_weights * raw).sum(), rtol=1e-10)
+    if strategy_name == "mirrored":
+        return  # the real update's weighting is the same code on one device
+    plain = build(strategy, tau=0.0).margin_step
+    meta_step(batch, meta)
+    plain({**batch, "weight": tf.constant(data_weights * weights)})
+    for a, b in zip(meta_step.margin_step.backbone.get_weights(), plain.backbone.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_weight_mix_and_both_targets(float64):

@@ -8,9 +8,10 @@ One iteration, per replica, for a training batch T and a meta batch V:
       derivative taken through Omega~ (second order: the inner tape's gradient is recorded
       by the outer tape). With --meta_target=weights (or both) the same pseudo-update also gives
       each sample a loss weight, as learning to reweight (Ren et al. 2018) does: the training
-      loss weighs sample j by 1 + eps_j, and w_j = max(-dL_meta/d eps_j, 0) at eps = 0,
-      normalised to mean 1 over the global batch.
-  (d) real update (Eq. 14): the optimizer steps on L(T; m_y + sum_k r^k) (weighted by w), its backbone gradient
+      loss weighs sample j by u_j + eps_j (u_j its --loss_weighting weight, else 1), and
+      w_j = max(-dL_meta/d eps_j, 0) at eps = 0, normalised so that sum_j u_j w_j = sum_j u_j
+      over the global batch.
+  (d) real update (Eq. 14): the optimizer steps on L(T; m_y + sum_k r^k) (weighted by u w), its backbone gradient
       obtained by replaying the backward pass recorded in (b) with the new output gradient.
   (e) the variation heads learn on V at the current Omega, features stop-gradient.
 Under MirroredStrategy the pseudo update uses the all-reduced gradient, exactly as one device
@@ -176,9 +177,9 @@ class MetaStep:
     def meta_gradients(self, batch, meta_batch, prior,
                        trunk_features=None) -> tuple[tf.Tensor | None, tf.Tensor | None, RecordedForward]:
         """Steps (a)-(c)'s derivatives through one pseudo-update: per factor k, dL^k_meta/dm_j [B, factors]
-        (--meta_target margins or both, else None); dL_meta/d eps_j [B] of a loss weight 1 + eps_j at eps = 0,
-        L_meta = sum_k w_k L^k_meta (weights or both, else None); and the recorded forward pass the real update
-        replays."""
+        (--meta_target margins or both, else None); dL_meta/d eps_j [B] of a loss weight u_j + eps_j at eps = 0
+        (u_j the data weight, 1 without --loss_weighting), L_meta = sum_k w_k L^k_meta (weights or both, else None);
+        and the recorded forward pass the real update replays."""
         step = self.margin_step
         weights = [v.value for v in step.backbone.trainable_variables]
         zero, eps = tf.zeros_like(prior), tf.zeros_like(prior)
@@ -190,9 +191,11 @@ class MetaStep:
             with tf.GradientTape(persistent=True) as inner:
                 inner.watch(weights)
                 embeddings, statistics = step.forward(batch["image"], weights)
-                # The loss weights enter as 1 + eps only when they are learned: the margins' path stays as it was.
+                # eps is added to each sample's data weight (1 without --loss_weighting), only when weights are
+                # learned (the margins' path stays as it was). Added, not multiplied: dL_meta/d eps_j is then sample
+                # j's alignment with the meta batch, and the real update's data weight is not counted twice.
                 loss, _, _ = step.batch_loss(embeddings, batch, margins, commit=False,
-                                             extra_weights=1.0 + eps if self.learns_weights else None)
+                                             weight_offsets=eps if self.learns_weights else None)
             gradients = inner.gradient(loss, [w for w, chosen in zip(weights, self.pseudo_mask) if chosen])
             if context is not None and context.num_replicas_in_sync > 1:
                 gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
@@ -216,15 +219,22 @@ class MetaStep:
         limit = self.settings.residual_max
         return tf.clip_by_value(-self.settings.tau * factor_weights * margin_derivatives, -limit, limit)
 
-    def weights_from(self, weight_derivative: tf.Tensor) -> tf.Tensor:
+    def weights_from(self, weight_derivative: tf.Tensor, data_weights: tf.Tensor | None = None) -> tf.Tensor:
         """Learning to reweight's loss weights [B]: max(-dL_meta/d eps_j, 0) normalised to mean 1 over the global
-        batch (all 1 where every derivative is >= 0), mixed with 1 by --meta_weight_mix."""
+        batch under the data weights u (sum_j u_j w_j = sum_j u_j: the learned weights move the batch's weight
+        between samples, never add to it; all 1 where every derivative is >= 0), mixed with 1 by
+        --meta_weight_mix."""
         raw = tf.nn.relu(-weight_derivative)
-        total = tf.reduce_sum(raw)
+        if data_weights is None:
+            total, count = tf.reduce_sum(raw), tf.cast(self.margin_step.global_batch, raw.dtype)
+        else:
+            data_weights = tf.cast(data_weights, raw.dtype)
+            total, count = tf.reduce_sum(data_weights * raw), tf.reduce_sum(data_weights)
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
             total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
-        count = tf.cast(self.margin_step.global_batch, raw.dtype)
+            if data_weights is not None:
+                count = context.all_reduce(tf.distribute.ReduceOp.SUM, count)
         learned = tf.where(total > 0, raw * count / tf.where(total > 0, total, 1.0), tf.ones_like(raw))
         mix = self.settings.weight_mix
         return (1.0 - mix) + mix * learned
@@ -308,7 +318,7 @@ class MetaStep:
             if margin_derivatives is not None:
                 residuals = self.residuals_from(margin_derivatives)
             if weight_derivative is not None:
-                weights = self.weights_from(weight_derivative)
+                weights = self.weights_from(weight_derivative, batch.get("weight"))
         else:
             recorded = self.recorded_forward(batch)
         margins = prior + tf.reduce_sum(residuals, axis=1)
