@@ -40,7 +40,9 @@ class DataConfig:
     meta_data: str = option("", "Meta set folder (variation labels needed); required by --stage=meta.")
     train_sampling: str = option("natural", "How training batches are drawn: natural (every image once an epoch) or "
                                             "balanced (images kept at random so that the classes of each variation "
-                                            "factor come about equally often: the bias study's resample reference).",
+                                            "factor come about equally often: the bias study's resample reference); "
+                                            "the meta stage's (pre-training and the finetune control draw "
+                                            "naturally).",
                                  choices=("natural", "balanced"))
     shuffle_buffer: int = option(20_000, "Records in the shuffle buffer.", lower=1)
     skip_corrupt_records: bool = option(False, "Read a damaged shard (truncated copy, corrupt record) up to its first "

@@ -42,25 +42,32 @@ def control_config(config: TrainConfig) -> TrainConfig:
                              loss_weighting="none", train_sampling="natural")
 
 
+def pretrain_config(config: TrainConfig) -> TrainConfig:
+    """The pretrain stage's settings: plain CosFace on the natural stream. --train_sampling and --loss_weighting are
+    the meta stage's, so a run of --stage=pretrain,finetune,meta pre-trains the same whatever recipe it fine-tunes."""
+    return config.with_flags(loss_weighting="none", train_sampling="natural")
+
+
 def build_stage(config: TrainConfig, name: str, strategy: tf.distribute.Strategy) -> Stage:
     """The stage `name` of --stage, its variables created in the strategy's scope."""
     if name == "finetune":
         config = control_config(config)
+    elif name == "pretrain":
+        config = pretrain_config(config)
     data, seed = config.data, config.runtime.seed
     train = read_input("train_data", data.train_data, config.optimizer.batch_size, seed)
     schedule = config.schedule(name)
     info = train.info
     log_head_footprint(config, info.num_identities, strategy.num_replicas_in_sync)
     pretrain = name == "pretrain"
-    # Margin priors, oracle offsets and loss weights are the fine-tuning stages' (pre-training is plain CosFace).
-    weighting = WeightingConfig() if pretrain else config.weighting
+    weighting = config.weighting
     train = dataclasses.replace(train, balanced=data.train_sampling == "balanced",
                                 weighting=data_weighting(weighting))
     group_dro = None
     if weighting.loss_weighting == "groupdro":
         with strategy.scope():
             group_dro = GroupDRO(weighting.groupdro_step_size)
-    if pretrain:
+    if pretrain:  # margin priors and oracle offsets are the fine-tuning's too
         margins, offsets = constant_margins(config.head.margin, info.num_identities), {}
     else:
         margins, offsets = prior_margins(config.head, info), oracle_offsets(config.meta, info.histograms)
