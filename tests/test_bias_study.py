@@ -124,6 +124,24 @@ def test_paired_interval_by_hand():
     assert np.isnan(paired_interval([0.1])[1]) and np.isnan(paired_interval([0.1, np.inf])[0])
 
 
+def test_stacked_arms_are_also_paired_against_resampling_alone():
+    from benchmarks.bias.report import stacked_minus_resample
+
+    def rows(accuracies):
+        return [{"accuracy": a, "factors": {f: {"worst_accuracy": a - 0.1, "skewed_error_ratio": 1.0, "group_std": 0.0}
+                                             for f in schema.FACTORS}} for a in accuracies]
+
+    results = {"cosface": rows([0.80, 0.80, 0.80]), "resample": rows([0.90, 0.91, 0.92]),
+               "jtt": rows([0.85, 0.85, 0.85]), "resample+jtt": rows([0.91, 0.93, 0.92])}
+    versus = stacked_minus_resample(results)
+    # Differences 0.01, 0.02, 0: mean 0.01, sd 0.01, t(0.975, 2) = 4.3027 x 0.0057735 = 0.0248414.
+    assert list(versus) == ["resample+jtt"]
+    np.testing.assert_allclose([versus["resample+jtt"]["accuracy_diff"], *versus["resample+jtt"]["accuracy_ci"]],
+                               [0.01, -0.01484, 0.03484], atol=1e-5)
+    assert versus["resample+jtt"]["pose"]["worst_diff"] == pytest.approx(0.01)
+    assert stacked_minus_resample({"cosface": results["cosface"], "resample+jtt": results["resample+jtt"]}) == {}
+
+
 def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     out_dir = tmp_path / "bias"
     # Four arms beside cosface, for time: learned margins (whose runs feed the mechanism and probe figures), learned
@@ -187,7 +205,7 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
 def test_study_arms_pass_their_settings_to_the_stage_builder():
     from benchmarks.bias.arms import Arm, grid_arms
     from mvcom_tf.config_flags import parse_config
-    from mvcom_tf.stages.build import control_config, oracle_offsets
+    from mvcom_tf.stages.build import control_config, oracle_offsets, pretrain_config
 
     def config(arm):
         return parse_config(["--train_data=x", *arm.flags("runs/seed0/pretrain")])
@@ -222,17 +240,26 @@ def test_study_arms_pass_their_settings_to_the_stage_builder():
     assert config(Arm("loss_weight", 7)).weighting.loss_weighting == "balanced"
     stacked = config(Arm("resample+jtt", 7, upweight=5))
     assert stacked.data.train_sampling == "balanced" and stacked.weighting.loss_weighting == "error_set"
-    # The CosFace control of any arm: plain CosFace, natural stream, no weights.
-    control = control_config(stacked)
-    assert (control.data.train_sampling, control.weighting.loss_weighting, control.meta.target) == (
-        "natural", "none", "margins")
+    both_jtt = config(Arm("resample+mvcom_both_jtt_verification", 7, tau=1e4, mix=1.0, upweight=20))
+    assert (both_jtt.meta.target, both_jtt.meta.weight_mix, both_jtt.weighting.loss_weighting,
+            both_jtt.weighting.error_set_upweight, both_jtt.data.train_sampling) == (
+        "both", 1.0, "error_set", 20.0, "balanced")
+    # The CosFace control of any arm: plain CosFace, natural stream, no weights; the pre-training too.
+    for control in (control_config(both_jtt), pretrain_config(both_jtt)):
+        assert (control.data.train_sampling, control.weighting.loss_weighting) == ("natural", "none")
+    assert control_config(both_jtt).meta.target == "margins"
     assert Arm("oracle", 7, delta=0.2).name == "oracle-delta0.2-e7"
     assert Arm("mvcom_variation", 7, tau=1e4).name == "mvcom_variation-tau10000-output_block-e7"
     assert Arm("resample+jtt", 7, upweight=5).name == "resample+jtt-upweight5-e7"
-    assert [arm.name for arm in grid_arms("mvcom_both_verification", 7, {"tau": (1e4, 1e5), "mix": (0.5,)},
+    assert [arm.name for arm in grid_arms("mvcom_both_verification", 7, {"tau": (1e4, 1e5), "mix": (0.5,),
+                                                                         "pose_weight": (1.0, 4.0)},
                                           "output_block")] == [
-        "mvcom_both_verification-tau10000-mix0.5-output_block-e7",
-        "mvcom_both_verification-tau100000-mix0.5-output_block-e7"]
+        "mvcom_both_verification-tau10000-mix0.5-output_block-e7",  # pose weight 1: the name it had before the knob
+        "mvcom_both_verification-tau10000-mix0.5-pose_weight4-output_block-e7",
+        "mvcom_both_verification-tau100000-mix0.5-output_block-e7",
+        "mvcom_both_verification-tau100000-mix0.5-pose_weight4-output_block-e7"]
+    assert config(Arm("mvcom_both_verification", 7, tau=1e4, mix=0.5, pose_weight=4)).meta.factor_weights == (
+        4.0, 1.0, 1.0, 1.0)
     refused = run_module(["-m", "benchmarks.bias", "--oracle_deltas=0.5,0"])
     assert refused.returncode == 1 and "--oracle_deltas must be numbers above 0" in refused.stderr
 

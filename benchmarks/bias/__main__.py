@@ -207,6 +207,8 @@ def main(argv) -> None:
     entries = report.paired_report(results)
     for arm, entry in entries.items():
         entry.update({"reads": labels_read(arm), "minutes": runner.minutes(seeds, arms[arm])})
+    for arm, entry in report.stacked_minus_resample(results).items():
+        entries[arm]["minus_resample"] = entry
     runs = {arm: settings.name for arm, settings in arms.items()}
     mechanisms = {arm: report.mechanism(runner, seeds, arms[arm]) for arm in arms if ARM_KINDS[arms[arm].kind].meta}
     committed, committed_baseline = {}, {}

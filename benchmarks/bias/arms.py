@@ -31,6 +31,7 @@ class Arm:
     step_size: float = 0.0
     upweight: float = 0.0
     mix: float = 1.0
+    pose_weight: float = 1.0  # the meta objective's weight of the pose factor (the others' are 1)
 
     @property
     def kind(self) -> str:
@@ -50,7 +51,9 @@ class Arm:
     def name(self) -> str:
         """The run folder's name: the arm, its knobs, the scope of MvCoM arms, the length."""
         kind = ARM_KINDS[self.kind]
-        parts = [self.arm] + [f"{knob}{getattr(self, knob):g}" for knob in kind.knobs]
+        # pose_weight is named only where it is not 1: the runs made before it was a knob keep their names.
+        parts = [self.arm] + [f"{knob}{getattr(self, knob):g}" for knob in kind.knobs
+                              if not (knob == "pose_weight" and self.pose_weight == 1.0)]
         if kind.meta:
             parts.append(self.scope)
         return "-".join(parts + [f"e{self.length}"])
@@ -73,20 +76,27 @@ class ArmKind:
     tail_labels: bool = False
     meta: bool = False
     description: str = ""
+    error_set: bool = False  # trains on JTT's error set of the seed's pre-training
 
 
 def _mvcom(target: str) -> Callable[[Arm, str], list[str]]:
     def flags(arm: Arm, pretrain_dir: str) -> list[str]:
         prior = "constant" if target == "weights" else "volume"
+        factor_weights = [arm.pose_weight if factor == "pose" else 1.0 for factor in schema.FACTORS]
         return [f"--margin_prior={prior}", "--meta_sampling=hard", f"--meta_objective={arm.objective}",
                 f"--meta_target={target}", f"--meta_lr_tau={arm.tau:g}", f"--meta_weight_mix={arm.mix:g}",
-                f"--meta_scope={arm.scope}"]
+                f"--meta_scope={arm.scope}", "--factor_weights=" + ",".join(f"{w:g}" for w in factor_weights)]
     return flags
 
 
 def error_set_path(pretrain_dir: str) -> str:
     """Where the study keeps JTT's error set of a seed's pre-training."""
     return f"{pretrain_dir}/error_set.txt"
+
+
+def _jtt(arm: Arm, pretrain_dir: str) -> list[str]:
+    return ["--loss_weighting=error_set", f"--error_set={error_set_path(pretrain_dir)}",
+            f"--error_set_upweight={arm.upweight:g}"]
 
 
 ARM_KINDS: dict[str, ArmKind] = {
@@ -106,10 +116,8 @@ ARM_KINDS: dict[str, ArmKind] = {
                            description="loss weights with resampling's ratios"),
     "groupdro": ArmKind(lambda arm, _: [*CONSTANT, "--loss_weighting=groupdro", f"--groupdro_step_size={arm.step_size:g}"],
                         knobs=("step_size",), tail_labels=True, description="GroupDRO over each factor's classes"),
-    "jtt": ArmKind(lambda arm, pretrain_dir: [*CONSTANT, "--loss_weighting=error_set",
-                                              f"--error_set={error_set_path(pretrain_dir)}",
-                                              f"--error_set_upweight={arm.upweight:g}"],
-                   knobs=("upweight",), description="JTT: the pre-training's errors up-weighted"),
+    "jtt": ArmKind(lambda arm, pretrain_dir: [*CONSTANT, *_jtt(arm, pretrain_dir)], knobs=("upweight",),
+                   error_set=True, description="JTT: the pre-training's errors up-weighted"),
     "mvcom_variation": ArmKind(_mvcom("margins"), knobs=("tau",), meta=True, description="MvCoM, Eq. 13"),
     "mvcom_verification": ArmKind(_mvcom("margins"), knobs=("tau",), meta=True,
                                   description="MvCoM, our verification objective"),
@@ -117,8 +125,12 @@ ARM_KINDS: dict[str, ArmKind] = {
                                        description="learned loss weights, Eq. 13's objective"),
     "mvcom_weights_verification": ArmKind(_mvcom("weights"), knobs=("mix",), meta=True,
                                           description="learned loss weights, verification objective"),
-    "mvcom_both_verification": ArmKind(_mvcom("both"), knobs=("tau", "mix"), meta=True,
+    "mvcom_both_verification": ArmKind(_mvcom("both"), knobs=("tau", "mix", "pose_weight"), meta=True,
                                        description="learned margins and loss weights, verification objective"),
+    # The two label-free levers together: JTT's weights are the data weights the learned ones redistribute.
+    "mvcom_both_jtt_verification": ArmKind(lambda arm, pretrain_dir: _mvcom("both")(arm, pretrain_dir)
+                                           + _jtt(arm, pretrain_dir), knobs=("tau", "mix", "upweight"), meta=True,
+                                           error_set=True, description="mvcom_both_verification on JTT's weights"),
 }
 # Every arm but the baseline, in the report's order; `resample+best` last.
 ARMS = tuple(kind for kind in ARM_KINDS if kind != "cosface") + (STACK_BEST,)

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from benchmarks.bias.arms import Arm
+from benchmarks.bias.arms import STACK_PREFIX, Arm
 from benchmarks.bias.runner import Runner, read_json
 from mvcom_tf.data import schema, synthetic
 from mvcom_tf.evaluation.metrics import paired_interval
@@ -15,13 +15,13 @@ MEASURES = ("worst_accuracy", "skewed_error_ratio", "group_std")
 SHORT = {"worst_accuracy": "worst", "skewed_error_ratio": "ser", "group_std": "std"}
 
 
-def paired_report(results: dict[str, list[dict]]) -> dict:
-    """Per arm against cosface: mean paired difference over seeds and its 95% t interval, for accuracy and
-    per factor the worst group's accuracy, the skewed error ratio and the std across groups."""
-    baseline = results["cosface"]
+def paired_report(results: dict[str, list[dict]], against: str = "cosface") -> dict:
+    """Per arm against `against` (the same seeds): mean paired difference over seeds and its 95% t interval, for
+    accuracy and per factor the worst group's accuracy, the skewed error ratio and the std across groups."""
+    baseline = results[against]
     report = {}
     for arm, rows in results.items():
-        if arm == "cosface":
+        if arm == against:
             continue
         mean, low, high = paired_interval([r["accuracy"] - b["accuracy"] for r, b in zip(rows, baseline)])
         entry = {"accuracy_diff": number(mean), "accuracy_ci": [number(low), number(high)]}
@@ -34,6 +34,14 @@ def paired_report(results: dict[str, list[dict]]) -> dict:
                 entry[factor][f"{SHORT[measure]}_ci"] = [number(low), number(high)]
         report[arm] = entry
     return report
+
+
+def stacked_minus_resample(results: dict[str, list[dict]]) -> dict:
+    """Each stacked arm against balanced resampling alone (the target's "beats resampling alone"), where both ran."""
+    stacked = {arm: rows for arm, rows in results.items() if arm.startswith(STACK_PREFIX)}
+    if "resample" not in results or not stacked:
+        return {}
+    return paired_report({"resample": results["resample"], **stacked}, against="resample")
 
 
 def baseline_means(rows: list[dict]) -> dict:
@@ -146,6 +154,14 @@ def markdown(study_json: dict, selection: list[dict]) -> str:
         lines.append(f"| {arm} | " + " | ".join(
             cell(entry[f]["ser_diff"], entry[f]["ser_ci"], 2) + " / " + cell(entry[f]["std_diff"], entry[f]["std_ci"], 4)
             for f in schema.FACTORS) + " |")
+    versus = {arm: entry["minus_resample"] for arm, entry in study_json["arms"].items() if "minus_resample" in entry}
+    if versus:
+        lines += ["", "Stacked arms against resampling alone (same seeds), mean [95% CI]:", "",
+                  "| arm | accuracy | " + " | ".join(f"{factor} worst" for factor in schema.FACTORS) + " |",
+                  "|---|---|" + "---|" * len(schema.FACTORS)]
+        lines += [f"| {arm} - resample | {cell(entry['accuracy_diff'], entry['accuracy_ci'], 4)} | " + " | ".join(
+            cell(entry[f]["worst_diff"], entry[f]["worst_ci"], 4) for f in schema.FACTORS) + " |"
+            for arm, entry in versus.items()]
     baseline = study_json["cosface"]
     lines += ["", f"Baseline (cosface) on test, mean over seeds: accuracy {fmt(baseline['accuracy'], 4)}; "
               + "; ".join(f"{factor} worst {fmt(baseline[factor]['worst'], 4)}, SER "

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from benchmarks.bias.arms import Arm, error_set_path
+from benchmarks.bias.arms import ARM_KINDS, Arm, error_set_path
 from benchmarks.bias.data import Study
 from benchmarks.training_run import train_run
 from mvcom_tf.data import synthetic
@@ -81,7 +81,7 @@ class Runner:
 
     def fine_tune(self, seeds: list[str], arms: list[Arm]) -> None:
         """Fine-tunes every arm for every seed from that seed's pre-training, scored on val only."""
-        if any(arm.kind == "jtt" for arm in arms):
+        if any(ARM_KINDS[arm.kind].error_set for arm in arms):
             self.error_sets(seeds)
         self.train([(seed, arm.name, ["--stage=meta", f"--eval_data={self.data('val')}",
                                       f"--init_checkpoint={self.folder(seed, 'pretrain')}/checkpoints/pretrain",
