@@ -16,10 +16,10 @@ from mvcom_tf.stages.build import build_margin_step, build_meta_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = f"--flagfile={REPO}/flags/demo.cfg"
-# The demo's recipe, shrunk: a tiny network that takes a step in a fraction of a second. It starts with
-# the demo's flagfile, whose data folders the flags after it (data_flags) replace: put those after TINY.
+# The demo with MvCoM (so that a meta stage learns residuals), shrunk: a tiny network that takes a step in a fraction
+# of a second. Its data folders are the demo's, which the flags after it (data_flags) replace: put those after TINY.
 # No SavedModel (a few seconds of every run): a test that reads one adds --export.
-TINY = [DEMO, "--backbone=iresnet18", "--width_multiplier=0.125", "--embedding_size=16", "--batch_size=16",
+TINY = [f"--flagfile={REPO}/flags/demo_mvcom.cfg", "--backbone=iresnet18", "--width_multiplier=0.125", "--embedding_size=16", "--batch_size=16",
         "--stage=pretrain", "--log_every=2", "--noexport"]
 NUM_IDS, BATCH, META, SIZE, ETA = 6, 8, 8, 16, 0.5
 # The identity head's scale s, which the verification objective also scores the meta batch at.

@@ -59,6 +59,10 @@ def test_the_defaults_are_the_papers_and_the_demo_is_a_flagfile():
     assert demo.runtime.stages == ("pretrain", "finetune", "meta")
     assert demo.evaluation.benchmarks == ("data/synthetic/test",)
     assert demo.finetune.lr_steps == () and (demo.runtime.checkpoint_every, demo.runtime.log_every) == (200, 20)
+    # The demo fine-tunes with the bias study's recipe; its MvCoM flagfile differs only in the meta stage's lever.
+    assert (demo.data.train_sampling, demo.head.margin_prior, demo.meta.tau) == ("balanced", "constant", 0.0)
+    assert parse_config([f"--flagfile={REPO}/flags/demo_mvcom.cfg"]) == demo.with_flags(
+        train_sampling="natural", margin_prior="volume", meta_lr_tau=1000.0, model_dir="runs/demo_mvcom")
     demo_file = f"--flagfile={DEMO_FLAGFILE}"
     assert with_demo_unless_data(["mvcom-train"]) == ["mvcom-train", demo_file]
     # The demo's flags first, so that the command's own win.
@@ -78,6 +82,7 @@ def test_flag_sources_name_the_flagfile_and_the_command_line():
     (["--train_data=x", "--factor_weights=1,2"], "--factor_weights must be 4 numbers"),
     (["--train_data=x", "--lr_steps=8,eleven"], "--lr_steps must be a comma-separated list of numbers"),
     (["--train_data=x", "--noexport", "--export_onnx"], "--export_tflite and --export_onnx convert the SavedModel"),
+    (["--train_data=x", "--loss_weighting=groupdro", "--meta_target=both"], "cannot be normalised under them"),
 ])
 def test_inconsistent_flags_are_refused_by_name(argv, message):
     with pytest.raises(flags.IllegalFlagValueError, match=message):

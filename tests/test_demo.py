@@ -1,10 +1,11 @@
-"""The demo recipe, shortened: it learns, writes the whole run folder, credits MvCoM against its CosFace control,
-and its run folder answers embed --compare and evaluate."""
+"""The demo recipe, shortened: it learns, writes the whole run folder, fine-tunes with the recommended recipe (balanced
+resampling) credited against its CosFace control, and its run folder answers embed --compare and evaluate."""
 
 import json
 import os
 import re
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -58,7 +59,7 @@ def test_demo_learns_and_writes_the_run_folder(demo_run):
     assert "images/s" in result.stderr and "ETA" in result.stderr
 
 
-def test_mvcom_is_credited_only_with_its_difference_from_a_cosface_fine_tuning(demo_run):
+def test_the_recipe_is_credited_only_with_its_difference_from_a_cosface_fine_tuning(demo_run):
     run_dir, result = demo_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stages = metrics["stages"]
@@ -71,10 +72,19 @@ def test_mvcom_is_credited_only_with_its_difference_from_a_cosface_fine_tuning(d
     assert result.stderr.count(f"initialised backbone and identity head from {run_dir}/checkpoints/pretrain") == 2
     assert tf.train.latest_checkpoint(str(run_dir / "checkpoints" / "finetune")).endswith(
         tf.train.latest_checkpoint(str(run_dir / "checkpoints" / "meta")).rsplit("-", 1)[1])
-    # The control learns no residuals; MvCoM's vary per sample.
-    for factor in schema.FACTORS:
+    # The recipe's stream is balanced, the control's natural. Balanced is the mixture "draw one of the 4 factors, then
+    # one of its K classes": with factors drawn independently a class of K has share 1 / (4 K) + 3/4 p(class).
+    def shares(stage, factor):
+        counts = [stages[stage]["training"][f"margin_count/{factor}/{c}"] for c in range(schema.NUM_CLASSES[factor])]
+        return np.array(counts) / sum(counts)
+
+    for factor in ("pose", "occlusion", "blur"):
+        natural, balanced = shares("finetune", factor), shares("meta", factor)
+        np.testing.assert_allclose(balanced, 1 / (4 * len(natural)) + 0.75 * natural, atol=0.03, err_msg=factor)
+        assert balanced[np.argmin(natural)] > 2 * natural.min(), (factor, natural, balanced)
+    for factor in schema.FACTORS:  # nothing meta-learned: a constant margin for both
         assert stages["finetune"]["training"][f"residual/{factor}/std"] == 0.0
-        assert stages["meta"]["training"][f"residual/{factor}/std"] > 0.01
+        assert stages["meta"]["training"][f"residual/{factor}/std"] == 0.0
     # The paired interval: per-pair outcomes of both stages on the same test pairs, resampled together.
     from mvcom_tf.files import read_array
     outcomes = {name: read_array(stages[name]["pair_outcomes"]) for name in ("meta", "finetune")}
