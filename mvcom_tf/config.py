@@ -188,6 +188,10 @@ class MetaConfig:
     weight_mix: float = option(1.0, "--meta_target=weights/both: a sample's loss weight is (1 - mix) + mix * its "
                                     "learned weight (1: learning to reweight's weights alone; 0: uniform).",
                                flag="meta_weight_mix", lower=0.0, upper=1.0)
+    weight_power: float = option(1.0, "--meta_target=weights/both: the learned weight is max(-dL_meta/d eps, 0) to "
+                                      "this power, then normalised (1: learning to reweight's; above 1 sharper: the "
+                                      "samples that help the meta batch most take more of the batch's weight).",
+                                 flag="meta_weight_power", lower=0.0)
     oracle_margin_deltas: tuple[float, ...] = option(
         (0.0, 0.0, 0.0, 0.0), "Meta stage, a reference for the bias study (benchmarks/bias.py), not a method: add "
         f"delta_k to a sample's margin when its ground-truth class of factor k {FACTOR_LIST} is not that factor's "

@@ -111,7 +111,7 @@ def small_backbone(sync_bn):
 
 
 def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=False, sharded=False,
-          objective="variation", network="small", target="margins", weight_mix=1.0):
+          objective="variation", network="small", target="margins", weight_mix=1.0, weight_power=1.0):
     """The meta step (mvcom_tf.stages.build's wiring) around a small backbone (or network="iresnet18", a narrow
     IResNet-18), in float64 under the float64 fixture; `sharded`: its identity centres split over the replicas
     (the same initial values)."""
@@ -120,7 +120,7 @@ def build(strategy, scope="all", tau=1.0, weights=(1.0, 1.0, 1.0, 1.0), sync_bn=
         residual_max=1e9, meta_scope=scope, factor_weights=weights, meta_sampling="random", variation_lr=0.1,
         momentum=0.9, weight_decay=0.0, meta_objective=objective, meta_images_per_identity=2, scale=SCALE,
         lr=0.1, lr_steps=(), head_sharding="sharded" if sharded else "replicated", meta_target=target,
-        meta_weight_mix=weight_mix)
+        meta_weight_mix=weight_mix, meta_weight_power=weight_power)
     keras.utils.set_random_seed(1)
     with strategy.scope():
         backbone = (build_iresnet("iresnet18", SIZE, 8, width_multiplier=0.0625, sync_bn=sync_bn)

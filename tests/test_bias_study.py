@@ -252,14 +252,16 @@ def test_study_arms_pass_their_settings_to_the_stage_builder():
     assert Arm("mvcom_variation", 7, tau=1e4).name == "mvcom_variation-tau10000-output_block-e7"
     assert Arm("resample+jtt", 7, upweight=5).name == "resample+jtt-upweight5-e7"
     assert [arm.name for arm in grid_arms("mvcom_both_verification", 7, {"tau": (1e4, 1e5), "mix": (0.5,),
-                                                                         "pose_weight": (1.0, 4.0)},
+                                                                         "pose_weight": (1.0, 4.0), "power": (1.0,)},
                                           "output_block")] == [
         "mvcom_both_verification-tau10000-mix0.5-output_block-e7",  # pose weight 1: the name it had before the knob
         "mvcom_both_verification-tau10000-mix0.5-pose_weight4-output_block-e7",
         "mvcom_both_verification-tau100000-mix0.5-output_block-e7",
         "mvcom_both_verification-tau100000-mix0.5-pose_weight4-output_block-e7"]
-    assert config(Arm("mvcom_both_verification", 7, tau=1e4, mix=0.5, pose_weight=4)).meta.factor_weights == (
-        4.0, 1.0, 1.0, 1.0)
+    sharp = config(Arm("mvcom_both_verification", 7, tau=1e4, mix=0.5, pose_weight=4, power=2))
+    assert (sharp.meta.factor_weights, sharp.meta.weight_power) == ((4.0, 1.0, 1.0, 1.0), 2.0)
+    assert Arm("mvcom_both_verification", 7, tau=1e4, mix=0.5, power=2).name == (
+        "mvcom_both_verification-tau10000-mix0.5-power2-output_block-e7")
     refused = run_module(["-m", "benchmarks.bias", "--oracle_deltas=0.5,0"])
     assert refused.returncode == 1 and "--oracle_deltas must be numbers above 0" in refused.stderr
 

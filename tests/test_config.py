@@ -18,7 +18,7 @@ def test_every_field_of_every_part_is_a_flag_with_the_fields_default():
     flag_values = flags.FlagValues()
     define_flags(flag_values)
     named = list(flag_fields())
-    assert len(named) == len({name for name, _, _ in named}) == 77
+    assert len(named) == len({name for name, _, _ in named}) == 78
     assert {name for name, _, _ in named} <= set(flag_values)
     parsed = parse_config(["--train_data=x"])
     for name, part, field in named:

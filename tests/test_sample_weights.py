@@ -108,6 +108,9 @@ def test_weight_mix_and_both_targets(float64):
     derivative, pure = meta_gradients_under(strategy, build(strategy, target="weights"), batch, meta)
     _, mixed = meta_gradients_under(strategy, build(strategy, target="weights", weight_mix=0.25), batch, meta)
     np.testing.assert_allclose(mixed, 0.75 + 0.25 * pure, rtol=1e-12)
+    _, sharper = meta_gradients_under(strategy, build(strategy, target="weights", weight_power=2.0), batch, meta)
+    squared = np.maximum(-derivative, 0.0) ** 2
+    np.testing.assert_allclose(sharper, squared * BATCH / squared.sum(), rtol=1e-10)
     # `both` learns the margins' residuals from the same pseudo-update: the same as `margins` alone.
     both = build(strategy, target="both")
     margins_only = build(strategy, target="margins")

@@ -15,6 +15,8 @@ from mvcom_tf.data import schema
 
 CONSTANT = ("--margin_prior=constant", "--meta_lr_tau=0")
 STACK_PREFIX = "resample+"
+# Knobs added after runs were named: in a run's name only away from these values, so those runs keep their names.
+LATE_KNOBS = {"pose_weight": 1.0, "power": 1.0}
 # The stacked arm of the default list: resolved on val to the best arm that reads no per-sample tail labels.
 STACK_BEST = STACK_PREFIX + "best"
 
@@ -32,6 +34,7 @@ class Arm:
     upweight: float = 0.0
     mix: float = 1.0
     pose_weight: float = 1.0  # the meta objective's weight of the pose factor (the others' are 1)
+    power: float = 1.0  # the learned weights' power (--meta_weight_power)
 
     @property
     def kind(self) -> str:
@@ -51,9 +54,8 @@ class Arm:
     def name(self) -> str:
         """The run folder's name: the arm, its knobs, the scope of MvCoM arms, the length."""
         kind = ARM_KINDS[self.kind]
-        # pose_weight is named only where it is not 1: the runs made before it was a knob keep their names.
         parts = [self.arm] + [f"{knob}{getattr(self, knob):g}" for knob in kind.knobs
-                              if not (knob == "pose_weight" and self.pose_weight == 1.0)]
+                              if LATE_KNOBS.get(knob) != getattr(self, knob)]
         if kind.meta:
             parts.append(self.scope)
         return "-".join(parts + [f"e{self.length}"])
@@ -85,7 +87,8 @@ def _mvcom(target: str) -> Callable[[Arm, str], list[str]]:
         factor_weights = [arm.pose_weight if factor == "pose" else 1.0 for factor in schema.FACTORS]
         return [f"--margin_prior={prior}", "--meta_sampling=hard", f"--meta_objective={arm.objective}",
                 f"--meta_target={target}", f"--meta_lr_tau={arm.tau:g}", f"--meta_weight_mix={arm.mix:g}",
-                f"--meta_scope={arm.scope}", "--factor_weights=" + ",".join(f"{w:g}" for w in factor_weights)]
+                f"--meta_scope={arm.scope}", "--factor_weights=" + ",".join(f"{w:g}" for w in factor_weights),
+                f"--meta_weight_power={arm.power:g}"]
     return flags
 
 
@@ -125,7 +128,7 @@ ARM_KINDS: dict[str, ArmKind] = {
                                        description="learned loss weights, Eq. 13's objective"),
     "mvcom_weights_verification": ArmKind(_mvcom("weights"), knobs=("mix",), meta=True,
                                           description="learned loss weights, verification objective"),
-    "mvcom_both_verification": ArmKind(_mvcom("both"), knobs=("tau", "mix", "pose_weight"), meta=True,
+    "mvcom_both_verification": ArmKind(_mvcom("both"), knobs=("tau", "mix", "pose_weight", "power"), meta=True,
                                        description="learned margins and loss weights, verification objective"),
     # The two label-free levers together: JTT's weights are the data weights the learned ones redistribute.
     "mvcom_both_jtt_verification": ArmKind(lambda arm, pretrain_dir: _mvcom("both")(arm, pretrain_dir)

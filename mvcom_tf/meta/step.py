@@ -220,11 +220,13 @@ class MetaStep:
         return tf.clip_by_value(-self.settings.tau * factor_weights * margin_derivatives, -limit, limit)
 
     def weights_from(self, weight_derivative: tf.Tensor, data_weights: tf.Tensor | None = None) -> tf.Tensor:
-        """Learning to reweight's loss weights [B]: max(-dL_meta/d eps_j, 0) normalised to mean 1 over the global
-        batch under the data weights u (sum_j u_j w_j = sum_j u_j: the learned weights move the batch's weight
-        between samples, never add to it; all 1 where every derivative is >= 0), mixed with 1 by
+        """Learning to reweight's loss weights [B]: max(-dL_meta/d eps_j, 0) (to --meta_weight_power) normalised to
+        mean 1 over the global batch under the data weights u (sum_j u_j w_j = sum_j u_j: the learned weights move
+        the batch's weight between samples, never add to it; all 1 where every derivative is >= 0), mixed with 1 by
         --meta_weight_mix."""
         raw = tf.nn.relu(-weight_derivative)
+        if self.settings.weight_power != 1.0:
+            raw = raw ** self.settings.weight_power
         if data_weights is None:
             total, count = tf.reduce_sum(raw), tf.cast(self.margin_step.global_batch, raw.dtype)
         else:
