@@ -134,6 +134,12 @@ def cell(diff, interval, digits: int) -> str:
     return f"{diff:+.{digits}f} [{low}, {high}]"
 
 
+def accuracy_and_worst_cells(entry: dict) -> list[str]:
+    """A paired entry's accuracy cell, then each factor's worst-group cell."""
+    return [cell(entry["accuracy_diff"], entry["accuracy_ci"], 4),
+            *(cell(entry[factor]["worst_diff"], entry[factor]["worst_ci"], 4) for factor in schema.FACTORS)]
+
+
 def markdown(study_json: dict, selection: list[dict]) -> str:
     """The report: the val table of the selection, the test differences with costs, the mechanism figures."""
     lines = [markdown_selection(selection)]
@@ -144,8 +150,7 @@ def markdown(study_json: dict, selection: list[dict]) -> str:
     for arm, entry in study_json["arms"].items():
         minutes = entry.get("minutes")
         cells = [arm + (" (committed)" if entry.get("committed") else ""), entry.get("reads", ""),
-                 "n/a" if minutes is None else f"{minutes:.1f}", cell(entry["accuracy_diff"], entry["accuracy_ci"], 4)]
-        cells += [cell(entry[factor]["worst_diff"], entry[factor]["worst_ci"], 4) for factor in schema.FACTORS]
+                 "n/a" if minutes is None else f"{minutes:.1f}", *accuracy_and_worst_cells(entry)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Skewed error ratio and std across groups, same pairing:", "",
               "| arm | " + " | ".join(f"{factor} SER / std" for factor in schema.FACTORS) + " |",
@@ -159,9 +164,8 @@ def markdown(study_json: dict, selection: list[dict]) -> str:
         lines += ["", "Stacked arms against resampling alone (same seeds), mean [95% CI]:", "",
                   "| arm | accuracy | " + " | ".join(f"{factor} worst" for factor in schema.FACTORS) + " |",
                   "|---|---|" + "---|" * len(schema.FACTORS)]
-        lines += [f"| {arm} - resample | {cell(entry['accuracy_diff'], entry['accuracy_ci'], 4)} | " + " | ".join(
-            cell(entry[f]["worst_diff"], entry[f]["worst_ci"], 4) for f in schema.FACTORS) + " |"
-            for arm, entry in versus.items()]
+        lines += ["| " + " | ".join([f"{arm} - resample", *accuracy_and_worst_cells(entry)]) + " |"
+                  for arm, entry in versus.items()]
     baseline = study_json["cosface"]
     lines += ["", f"Baseline (cosface) on test, mean over seeds: accuracy {fmt(baseline['accuracy'], 4)}; "
               + "; ".join(f"{factor} worst {fmt(baseline[factor]['worst'], 4)}, SER "
