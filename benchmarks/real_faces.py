@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from benchmarks.training_run import REPO, train_run
+from benchmarks.training_run import REPO, stop_trainings_with_this_process, train_run
 from mvcom_tf.data import schema
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "real_faces.json")
@@ -248,6 +248,7 @@ def table(result: dict) -> str:
 
 def main(argv) -> None:
     del argv
+    stop_trainings_with_this_process()
     started = time.perf_counter()
     image_size = 64
     people = read_identities(FLAGS.celeba)

@@ -313,3 +313,42 @@ def test_probe_statistics_match_numpy():
     figures = tail_statistics(updates, tail, known, batch, weights)
     np.testing.assert_allclose([figures["tail_weight"], figures["head_weight"]],
                                [weights[tail & known].mean(), weights[~tail & known].mean()], rtol=1e-5)
+
+
+def test_a_study_ended_by_sigterm_stops_its_trainings(tiny_data, tmp_path):
+    """The study's trainings run in child processes from worker threads: SIGTERM to the study (pkill, a batch
+    system) must stop them too, each saving its checkpoint, instead of leaving them writing to its run folders."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO, TINY, data_flags
+
+    folder = tmp_path / "run"
+    train_flags = [*TINY, *data_flags(tiny_data), "--epochs=1000", "--checkpoint_every=100000"]
+    script = ("import threading\n"
+              "from benchmarks import training_run\n"
+              "training_run.stop_trainings_with_this_process()\n"
+              f"worker = threading.Thread(target=training_run.train_run, args=({train_flags!r}, {str(folder)!r}))\n"
+              "worker.start()\nworker.join()\n")
+    study = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        deadline, training = time.monotonic() + 240, None
+        while time.monotonic() < deadline and study.poll() is None:
+            children = subprocess.run(["pgrep", "-P", str(study.pid)], capture_output=True, text=True).stdout.split()
+            log = (folder / "train.log").read_text() if (folder / "train.log").exists() else ""
+            if children and "[pretrain] step" in log:
+                training = int(children[0])
+                break
+            time.sleep(0.5)
+        assert training is not None, "the training never logged a step"
+        study.send_signal(signal.SIGTERM)
+        assert study.wait(timeout=120) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{training}"):
+            time.sleep(0.5)
+        assert not os.path.exists(f"/proc/{training}"), "the training outlived the study"
+        assert "SIGTERM: saved" in (folder / "train.log").read_text()
+    finally:
+        study.kill()

@@ -81,7 +81,10 @@ def test_the_recipe_is_credited_only_with_its_difference_from_a_cosface_fine_tun
     for factor in ("pose", "occlusion", "blur"):
         natural, balanced = shares("finetune", factor), shares("meta", factor)
         np.testing.assert_allclose(balanced, 1 / (4 * len(natural)) + 0.75 * natural, atol=0.03, err_msg=factor)
-        assert balanced[np.argmin(natural)] > 2 * natural.min(), (factor, natural, balanced)
+        # The rarest class gains at least half the mixture's expected rise (the tolerance above allows less).
+        rarest = np.argmin(natural)
+        expected = 1 / (4 * len(natural)) + 0.75 * natural[rarest]
+        assert balanced[rarest] - natural[rarest] > 0.5 * (expected - natural[rarest]), (factor, natural, balanced)
     for factor in schema.FACTORS:  # nothing meta-learned: a constant margin for both
         assert stages["finetune"]["training"][f"residual/{factor}/std"] == 0.0
         assert stages["meta"]["training"][f"residual/{factor}/std"] == 0.0

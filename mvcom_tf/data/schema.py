@@ -100,6 +100,12 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return features
 
 
+def parse_labels(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The variation labels of a batch of serialised Examples (graph op), without copying their image bytes."""
+    parsed = tf.io.parse_example(serialized, {f"label/{factor}": FEATURE_SPEC[f"label/{factor}"] for factor in FACTORS})
+    return {factor: tf.cast(parsed[f"label/{factor}"], tf.int32) for factor in FACTORS}
+
+
 def decode_record(serialized: bytes) -> FaceRecord:
     """Parses one serialised Example back to a FaceRecord (Python side)."""
     example = tf.train.Example.FromString(serialized)
