@@ -241,10 +241,14 @@ def main(argv) -> None:
         "date": datetime.date.today().isoformat(),
     }
     if committed:
+        same = (committed_baseline["committed_cosface_accuracy"] == baseline["accuracy"]
+                and committed_baseline["committed_seeds"] == study_json["seeds"])
         study_json["committed_baseline_check"] = {
-            **committed_baseline, "cosface_accuracy": baseline["accuracy"],
-            "note": "the kept arms were paired against the committed study's cosface runs; equal baselines over the "
-                    "same seeds mean the same pairing holds here"}
+            **committed_baseline, "cosface_accuracy": baseline["accuracy"], "same_pairing": same,
+            "note": "the kept arms were paired against the committed study's cosface runs; " + (
+                "the same baseline over the same seeds here: the same pairing holds" if same else
+                "this study's cosface differs (other pre-trainings or code): the kept arms' differences hold within "
+                "the committed study; read them beside this study's as a separate sample, not as one pairing")}
     text = report.markdown(study_json, selection)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(text + "\n")

@@ -152,6 +152,10 @@ def markdown(study_json: dict, selection: list[dict]) -> str:
         cells = [arm + (" (committed)" if entry.get("committed") else ""), entry.get("reads", ""),
                  "n/a" if minutes is None else f"{minutes:.1f}", *accuracy_and_worst_cells(entry)]
         lines.append("| " + " | ".join(cells) + " |")
+    check = study_json.get("committed_baseline_check")
+    if check:
+        lines += ["", f"(committed): cosface accuracy {fmt(check['committed_cosface_accuracy'], 5)} in the committed "
+                      f"study, {fmt(check['cosface_accuracy'], 5)} here: {check['note']}."]
     lines += ["", "Skewed error ratio and std across groups, same pairing:", "",
               "| arm | " + " | ".join(f"{factor} SER / std" for factor in schema.FACTORS) + " |",
               "|---|" + "---|" * len(schema.FACTORS)]
