@@ -202,6 +202,22 @@ def test_quick_study_reports_paired_intervals_and_resumes(tmp_path):
     assert json.loads(second.stdout.strip().splitlines()[-1])["arms"] == report["arms"]
 
 
+def test_the_committed_report_renders_the_committed_results_file():
+    """benchmarks/results/bias_report.md is report.markdown of bias.json, the kept arms' baseline check included."""
+    from benchmarks.bias import report
+    from tests.helpers import REPO
+
+    results = os.path.join(REPO, "benchmarks", "results")
+    with open(os.path.join(results, "bias.json")) as f:
+        study = json.load(f)
+    with open(os.path.join(results, "bias_report.md")) as f:
+        assert report.markdown(study, study["selection"]) + "\n" == f.read()
+    check = study["committed_baseline_check"]
+    assert check["cosface_accuracy"] == study["cosface"]["accuracy"]
+    assert check["same_pairing"] == (check["committed_cosface_accuracy"] == check["cosface_accuracy"]
+                                     and check["committed_seeds"] == study["seeds"])
+
+
 def test_study_arms_pass_their_settings_to_the_stage_builder():
     from benchmarks.bias.arms import Arm, grid_arms
     from mvcom_tf.config_flags import parse_config
