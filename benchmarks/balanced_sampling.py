@@ -65,7 +65,7 @@ def main(argv) -> None:
 
     from benchmarks.convert import _faces
     from mvcom_tf.data import schema
-    from mvcom_tf.data.pipeline import balanced_acceptance, train_dataset
+    from mvcom_tf.data.pipeline import KEEP_BLOCK, balanced_acceptance, balanced_draws, train_dataset
     from mvcom_tf.data.tfrecord import SplitWriter, shard_paths
 
     work = tempfile.mkdtemp(prefix="mvcom_balanced_bench_")
@@ -92,13 +92,9 @@ def main(argv) -> None:
             draw = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(0, tf.int64), index]))
             return draw < keep(schema.parse_record(serialized))
 
-        def block(index, serialized):
-            draws = tf.random.stateless_uniform(tf.shape(serialized), seed=tf.stack([tf.constant(0, tf.int64), index]))
-            return tf.boolean_mask(serialized, draws < keep(schema.parse_labels(serialized)))
-
         draws = {"a record at a time (before)": records.enumerate().filter(one_at_a_time),
-                 "a block of 1024 at a time": records.batch(1024).enumerate().map(
-                     block, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()}
+                 f"a block of {KEEP_BLOCK} at a time": balanced_draws(
+                     records, keep, lambda block: tf.stack([tf.constant(0, tf.int64), block]))}
         for name, stream in draws.items():
             rows.append((f"draw stage alone: {name}", "records kept/s",
                          timed(iter(stream.batch(FLAGS.batch).prefetch(2)), FLAGS.batches // 4, FLAGS.batch)))

@@ -63,7 +63,7 @@ class DecodeFailures:
 
 
 _KEEP_SEED = 7_919  # the draws of balanced sampling: a stream apart from the augmentation's
-_KEEP_BLOCK = 1024  # records drawn at once by balanced sampling
+KEEP_BLOCK = 1024  # records drawn at once by balanced sampling
 
 
 def _element_seed(seed: int, epoch: int, index: tf.Tensor) -> tf.Tensor:
@@ -96,6 +96,22 @@ def balanced_acceptance(histograms: dict[str, list[int]]):
     # 1: a factor no record is labelled with (its unknown entry).
     ceiling = sum(max(table[:-1].max(initial=0.0), 1.0) for table in tables) / len(schema.FACTORS)
     return lambda features: class_weight(tables, features) / ceiling
+
+
+def balanced_draws(records: tf.data.Dataset, keep_probability, block_seed) -> tf.data.Dataset:
+    """The serialised `records` each kept with probability `keep_probability` (balanced_acceptance), drawn a block
+    of KEEP_BLOCK at a time with the stateless seed `block_seed(block number)`.
+
+    One parse of a block's labels and one draw, blocks in parallel: a record at a time (a `filter`), the draw read
+    about 10,000 records/s on one core, and with tails at 0.25% it keeps one record in 61 to 74, so the stream fell
+    to about 270 images/s (benchmarks/balanced_sampling.py).
+    """
+    def keep(block, serialized):
+        draws = tf.random.stateless_uniform(tf.shape(serialized), seed=block_seed(block))
+        return tf.boolean_mask(serialized, draws < keep_probability(schema.parse_labels(serialized)))
+
+    return (records.batch(KEEP_BLOCK).enumerate().map(keep, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .unbatch())
 
 
 def _read_and_decode(serialized: tf.Tensor, image_size: int, sample_weight=None) -> dict[str, tf.Tensor]:
@@ -156,18 +172,11 @@ def train_dataset(
     if keep_probability is None:
         dataset = dataset.enumerate().repeat().skip(skip_records)
     else:
-        # Drawn a block of records at a time, in parallel: one parse of the block's labels and one draw. A
-        # record at a time, the filter read about 10,000 records/s on one core, and with tails at 0.25% it keeps
-        # one record in 74: the stream fell to 270 images/s (benchmarks/balanced_sampling.py). Blocks are
-        # numbered after the repeat, so each pass draws anew; records are numbered and skipped after the draw,
-        # so a resumed run skips the records an uninterrupted one kept.
-        def keep(block, serialized):
-            draws = tf.random.stateless_uniform(tf.shape(serialized), seed=_element_seed(seed + _KEEP_SEED, epoch, block))
-            return tf.boolean_mask(serialized, draws < keep_probability(schema.parse_labels(serialized)))
-
-        dataset = (dataset.repeat().batch(_KEEP_BLOCK).enumerate()
-                   .map(keep, num_parallel_calls=AUTOTUNE, deterministic=True)
-                   .unbatch().enumerate().skip(skip_records))
+        # Blocks are numbered after the repeat, so each pass draws anew; records are numbered and skipped after
+        # the draw, so a resumed run skips the records an uninterrupted one kept.
+        dataset = balanced_draws(dataset.repeat(), keep_probability,
+                                 lambda block: _element_seed(seed + _KEEP_SEED, epoch, block))
+        dataset = dataset.enumerate().skip(skip_records)
 
     def prepare(index, serialized):
         features = _read_and_decode(serialized, image_size, sample_weight)
